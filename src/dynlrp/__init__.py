@@ -1,0 +1,66 @@
+"""dynlrp: operation-level Layer-wise Relevance Propagation over PyTorch's autograd graph.
+
+>>> y = model(x)                              # any forward; x.requires_grad_(True)
+>>> rx, = dynlrp.lrp(y, x, relevance=seed)    # seed: a tensor shaped like y
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from . import ops, presets, rules
+from .coverage import CoverageReport, coverage
+from .engine import LRP
+from .errors import (
+    GraphError,
+    GraphFreedError,
+    LRPError,
+    NonFiniteRelevanceError,
+    UnknownOpError,
+    UnrecoverableValueError,
+)
+from .record import Tape, record
+
+__version__ = "0.1.0"
+
+
+def lrp(
+    outputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: torch.Tensor | Sequence[torch.Tensor],
+    relevance: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    *,
+    rules: Any = None,
+    tape: Tape | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Propagate relevance from ``outputs`` back to ``inputs``, like ``torch.autograd.grad``.
+
+    Parameters
+    ----------
+    outputs
+        A tensor or sequence of tensors with a ``grad_fn``.
+    inputs
+        A tensor or sequence of tensors: leaves (model inputs, parameters) or intermediate
+        tensors of the same forward pass.
+    relevance
+        Seeds shaped like ``outputs`` (like ``grad_outputs``); default: the outputs' values.
+    rules
+        A preset name, a mapping ``{op name or kind: Rule}`` or a RuleSet.
+    tape
+        A :func:`record` tape of the forward pass: use recorded forward values instead of
+        the Promise System.
+
+    Returns
+    -------
+    tuple of torch.Tensor
+        One relevance tensor per input, shaped like it, in the order given.
+    """
+    return LRP(rules)(outputs, inputs, relevance, tape=tape)
+
+
+__all__ = [
+    "lrp", "LRP", "record", "Tape", "coverage", "CoverageReport", "rules", "presets", "ops",
+    "LRPError", "GraphError", "GraphFreedError", "UnknownOpError", "UnrecoverableValueError",
+    "NonFiniteRelevanceError",
+]

@@ -1,0 +1,269 @@
+"""The traversal: relevance from the outputs to the requested inputs, node by node.
+
+:class:`LRP` builds the auxiliary graph (:mod:`dynlrp.graph`), checks that every node on
+the way has an op entry, then visits the nodes in the order of paper 4.2. At each node it
+sums the relevance that arrived (appendix E), asks the rule set for the node's rule, gets
+the forward values the rule needs from a resolver -- the Promise System
+(:mod:`dynlrp.promise`) or a tape (:mod:`dynlrp.record`) -- and passes the rule's output on
+to the node's inputs. The engine never names an op.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+
+from . import ops, presets
+from .errors import GraphError, GraphFreedError, NonFiniteRelevanceError, UnknownOpError
+from .graph import Graph, GNode, build
+from .ops import Value
+from .record import Tape, TapeResolver
+from .promise import PromiseResolver
+from .saved import output_meta
+from .values import Resolver
+
+
+class RuleContext:
+    """What a rule sees at one node: relevance, forward values on demand, the adjoint."""
+
+    def __init__(self, gn: GNode, entry: ops.OpEntry, graph: Graph, relevances: list, resolver: Resolver):
+        self.gn = gn
+        self.node = gn.fn
+        self.entry = entry
+        self.kind = entry.kind
+        self.relevances = relevances
+        self.relevance = relevances[0]
+        self.num_inputs = len(gn.inputs)
+        self._graph = graph
+        self._resolver = resolver
+        self.graph_inputs = tuple(s for s, e in enumerate(gn.inputs) if e is not None)
+        self.reaching = tuple(s for s in self.graph_inputs if graph.nodes[gn.inputs[s][0]].reaches)
+        self._values: dict[Any, Value] = {}
+
+    def value_of_input(self, slot: int) -> Value:
+        if slot not in self._values:
+            self._values[slot] = self._resolver.input(self.gn.index, slot)
+        return self._values[slot]
+
+    def value_of_output(self) -> Value:
+        if "out" not in self._values:
+            self._values["out"] = self._resolver.output(self.gn.index, 0)
+        return self._values["out"]
+
+    def input(self, slot: int) -> torch.Tensor:
+        return self.value_of_input(slot).tensor
+
+    @property
+    def output(self) -> torch.Tensor:
+        return self.value_of_output().tensor
+
+    def input_shape(self, slot: int) -> torch.Size:
+        child, k = self.gn.inputs[slot]
+        return output_meta(self._graph.nodes[child].fn, k)[0]
+
+    def forward(self, xs: list) -> torch.Tensor:
+        out = self.entry.forward(self.node, xs)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def vjp_all(self, grads: list) -> tuple:
+        """``J^T g``: the autograd node applied to ``grads`` (one per forward output)."""
+        try:
+            out = self.node(*grads)
+        except RuntimeError as exc:
+            if "freed" in str(exc) or "second time" in str(exc):
+                raise GraphFreedError(
+                    f"the saved tensors of {self.gn.name} were freed by an earlier backward "
+                    "without retain_graph=True; run the forward pass again."
+                ) from exc
+            raise
+        return out if isinstance(out, tuple) else (out,)
+
+    def vjp(self, grad: torch.Tensor) -> tuple:
+        grads = [grad] + [None] * (len(self.relevances) - 1)
+        return self.vjp_all(grads)
+
+
+def _as_tuple(x: Any, what: str) -> tuple:
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if isinstance(x, (tuple, list)) and x:
+        return tuple(x)
+    raise GraphError(f"{what} must be a tensor or a non-empty sequence of tensors")
+
+
+class LRP:
+    """An LRP engine with a rule set; call it like :func:`dynlrp.lrp`.
+
+    Parameters
+    ----------
+    rules
+        A preset name (``"epsilon"``), a mapping ``{op name or kind: Rule}`` or a
+        :class:`~dynlrp.presets.RuleSet`. ``None`` uses the defaults.
+    check_finite
+        Raise :class:`~dynlrp.errors.NonFiniteRelevanceError` naming the first op whose
+        relevance is not finite (one reduction per node; turn off for speed).
+
+    Attributes
+    ----------
+    stats
+        After a call: ``nodes``, ``promises``, ``pre_promises``, ``promise_internal_nodes``,
+        ``mean_promise_path``, ``promise_density`` (paper Table 4) and more.
+    """
+
+    def __init__(self, rules: Any = None, *, check_finite: bool = True) -> None:
+        self.rules = presets.resolve(rules)
+        self.check_finite = check_finite
+        self.stats: dict[str, float] = {}
+
+    def __call__(
+        self,
+        outputs: torch.Tensor | Sequence[torch.Tensor],
+        inputs: torch.Tensor | Sequence[torch.Tensor],
+        relevance: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        *,
+        tape: Tape | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        outputs = _as_tuple(outputs, "outputs")
+        inputs = _as_tuple(inputs, "inputs")
+        seeds = self._seeds(outputs, relevance)
+        graph = build(outputs, inputs)
+        _check_coverage(graph)
+        with torch.no_grad():
+            if tape is not None:
+                resolver: Resolver = TapeResolver(graph, outputs, inputs, tape)
+            else:
+                resolver = PromiseResolver(graph, outputs, inputs)
+            result = self._propagate(graph, seeds, resolver)
+        self.stats = {"nodes": len(graph.order), "graph_nodes": len(graph.nodes), **resolver.stats()}
+        return tuple(
+            torch.zeros_like(x) if r is None else r.to(x.dtype) for x, r in zip(inputs, result)
+        )
+
+    def _seeds(self, outputs: tuple, relevance: Any) -> list[torch.Tensor]:
+        if relevance is None:
+            return [y.detach() for y in outputs]
+        seeds = _as_tuple(relevance, "relevance")
+        if len(seeds) != len(outputs):
+            raise GraphError(f"got {len(seeds)} relevance seeds for {len(outputs)} outputs")
+        for pos, (y, r) in enumerate(zip(outputs, seeds)):
+            if r.shape != y.shape:
+                raise GraphError(
+                    f"relevance[{pos}] has shape {tuple(r.shape)} but outputs[{pos}] has shape "
+                    f"{tuple(y.shape)}; the seed must be shaped like the output (like grad_outputs)."
+                )
+            if self.check_finite and not torch.isfinite(r).all():
+                raise NonFiniteRelevanceError(f"relevance[{pos}] (the seed) contains NaN or inf")
+        return [r.detach().to(y.dtype) for y, r in zip(outputs, seeds)]
+
+    def _propagate(self, graph: Graph, seeds: list, resolver: Resolver) -> list:
+        pending: dict[tuple[int, int], torch.Tensor] = {}
+        for edge, seed in zip(graph.roots, seeds):
+            _accumulate(pending, edge, seed)
+        found: dict[tuple[int, int], torch.Tensor] = {}
+        wanted = set(graph.targets)
+        nodes = graph.nodes
+        for i in graph.order:
+            gn = nodes[i]
+            rels = [pending.pop((i, k), None) for k in range(_num_outputs(gn))]
+            for k, r in enumerate(rels):
+                if (i, k) in wanted:
+                    found[(i, k)] = r
+            if gn.is_leaf or all(r is None for r in rels):
+                resolver.processed[i] = True
+                continue
+            rels = [r if r is not None else _zeros(gn, k) for k, r in enumerate(rels)]
+            entry = ops.lookup(gn.name)
+            rule = self.rules.rule_for(gn.name, entry.kind, gn.fn)
+            ctx = RuleContext(gn, entry, graph, rels, resolver)
+            out = self._apply(rule, ctx, gn)
+            resolver.processed[i] = True
+            for slot, r in enumerate(out):
+                e = gn.inputs[slot]
+                if r is None or e is None or not nodes[e[0]].reaches:
+                    continue
+                _accumulate(pending, e, r)
+        return [found.get(t) for t in graph.targets]
+
+    def _apply(self, rule, ctx: RuleContext, gn: GNode) -> list:
+        needs = rule.needs(ctx)
+        partial = []
+        for slot in needs.inputs:
+            v = ctx.value_of_input(slot)
+            if not v.exact:
+                partial.append(v.mask)
+        if needs.output:
+            v = ctx.value_of_output()
+            if not v.exact:
+                partial.append(v.mask)
+        if partial:
+            _check_partial(ctx, partial, gn)
+        out = rule(ctx)
+        if self.check_finite:
+            for slot, r in enumerate(out):
+                if r is not None and not torch.isfinite(r).all():
+                    raise NonFiniteRelevanceError(
+                        f"the {type(rule).__name__} rule at {gn.name} produced NaN or inf "
+                        f"relevance for its input {slot}"
+                    )
+        return list(out)
+
+
+def _check_partial(ctx: RuleContext, masks: list, gn: GNode) -> None:
+    """A value known only on a mask serves where no relevance flows outside it."""
+    r = ctx.relevance
+    for mask in masks:
+        if mask.shape != r.shape or (r[~mask] != 0).any():
+            raise presets_error(gn)
+    # Fill the unknown positions so that rules see finite numbers (their relevance is 0).
+    for key, v in list(ctx._values.items()):
+        if not v.exact:
+            ctx._values[key] = Value(torch.where(v.mask, v.tensor, torch.ones_like(v.tensor)))
+
+
+def presets_error(gn: GNode):
+    from .errors import UnrecoverableValueError
+
+    return UnrecoverableValueError(
+        f"the rule at {gn.name} needs forward values that the graph only partly recovers (a "
+        "layer's output seen through a ReLU), and relevance flows where they are unknown. "
+        "Record the forward pass with `dynlrp.record()` and pass `tape=`."
+    )
+
+
+def _num_outputs(gn: GNode) -> int:
+    if gn.is_leaf:
+        return 1
+    from .saved import num_outputs
+
+    return num_outputs(gn.fn)
+
+
+def _zeros(gn: GNode, k: int) -> torch.Tensor:
+    shape, dtype, device = output_meta(gn.fn, k)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _accumulate(pending: dict, edge: tuple[int, int], r: torch.Tensor) -> None:
+    prev = pending.get(edge)
+    pending[edge] = r if prev is None else prev + r
+
+
+def _check_coverage(graph: Graph) -> None:
+    missing = Counter(
+        graph.nodes[i].name for i in graph.order
+        if not graph.nodes[i].is_leaf and ops.lookup(graph.nodes[i].name) is None
+    )
+    if missing:
+        raise UnknownOpError(unknown_ops_message(missing))
+
+
+def unknown_ops_message(missing: Counter) -> str:
+    listing = ", ".join(f"{name} x{count}" for name, count in missing.most_common())
+    return (
+        f"no LRP rule for {sum(missing.values())} node(s) of {len(missing)} op type(s): {listing}. "
+        "Register an op entry for each, e.g. "
+        "`dynlrp.ops.register('MyOpBackward0', kind='elementwise', contract='exact', "
+        "forward=lambda node, xs: my_op(xs[0]))`; see dynlrp.ops for the fields."
+    )

@@ -1,0 +1,61 @@
+"""Batch normalisation as the affine map it is at inference.
+
+Kind ``linear`` (y = (x - mean) * w / sqrt(var + eps) + b, an affine map of x per channel):
+the default rule is epsilon-LRP with the bias inside z; contract ``bias``. In training mode
+the batch statistics autograd saved are used (they mix examples; prefer ``model.eval()``).
+"""
+
+from __future__ import annotations
+
+from ..saved import saved
+from . import register
+from .common import leaf_input, operand, taps_from
+
+
+def _stats(node, x):
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if saved(node, "training"):
+        mean, invstd = saved(node, "result1"), saved(node, "result2")
+    else:
+        mean = saved(node, "running_mean")
+        invstd = (saved(node, "running_var") + saved(node, "eps")).rsqrt()
+    return mean.reshape(shape), invstd.reshape(shape), shape
+
+
+def _batch_norm(node, x, bias_of):
+    mean, invstd, shape = _stats(node, x)
+    y = (x - mean) * invstd
+    weight = saved(node, "weight")
+    if weight is None:
+        return y
+    return y * weight.reshape(shape) + bias_of().reshape(shape)
+
+
+def _bn_forward(node, xs):
+    x = operand(node, xs, 0, "input", "input")
+    return _batch_norm(node, x, lambda: operand(node, xs, 2, None, "bias"))
+
+
+class _NoBias(Exception):
+    pass
+
+
+def _bn_own(node):
+    x = saved(node, "input")
+    if x is None:
+        return None
+
+    def bias():
+        b = leaf_input(node, 2)
+        if b is None:
+            raise _NoBias
+        return b
+
+    try:
+        return _batch_norm(node, x, bias)
+    except _NoBias:
+        return None
+
+
+register(("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"),
+         "linear", "bias", forward=_bn_forward, own=_bn_own, taps=taps_from((0, "input")))

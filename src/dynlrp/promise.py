@@ -1,0 +1,248 @@
+"""The Promise System (paper 4.3, appendices C-E): forward values autograd did not keep.
+
+When a rule at node A (the *Origin Node*) needs a forward value that A's own saved tensors
+do not hold, a :class:`Promise` is made, with one :class:`PromiseBranch` per missing value.
+A branch walks from A toward the inputs. Each node it passes is an *internal node*: the
+branch records the node's forward closure. It stops at the first *Arg Node* -- a node whose
+output is retrievable from cached tensors: rebuilt from its own saved tensors (paper
+4.3.1), kept by one of its consumers as that consumer's input, a leaf, or a tensor the
+caller passed -- and replays the recorded forward closures to rebuild the value at A.
+
+* **Promise trees** (4.3.2, D.2): an internal node whose forward closure needs several
+  inputs that are missing too (an ``add`` on a residual stream) opens a nested promise with
+  a branch per input; the nested promise resolves first and feeds its parent branch.
+* **Pre-promises** (4.3.3, D.3): a branch may reach a node whose relevance is still
+  waiting for other consumers -- ahead of the traversal frontier. The paper's deadlock
+  cannot happen here: the branch reaches ahead to its Arg Node at once (the pre-promise),
+  without propagating any relevance there; the node is propagated later, when the
+  traversal gets to it. Such reach-aheads are counted as ``pre_promises``.
+* **Aggregation** (appendix E): branches that meet at a node share one resolution -- the
+  node's forward closure runs once, and its value serves every branch (``aggregations``).
+* **Inversion**: where a branch cannot replay a node (its forward closure needs an operand
+  autograd never saw, such as the bias of a frozen layer), it asks the node's consumers to
+  invert their op from a known output (``a = (a + b) - b``; ``x = relu(x)`` where positive).
+
+Relevance is *not* carried along the branches: the deferred rule at A runs as soon as its
+promise resolves, which is immediately, and every internal node is then propagated by the
+traversal itself when its turn comes -- each node exactly once (Proposition 2), with each
+node replayed at most once (the memo), which gives the bound of Theorem 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import UnrecoverableValueError
+from .graph import Edge
+from .ops import MissingOperand, Value, lookup
+from .saved import leaf_variable
+from .values import Resolver
+
+
+@dataclass(eq=False)
+class PromiseBranch:
+    """One missing value of a promise: the path it walked and where it ended."""
+
+    edge: Edge
+    path: list[int] = field(default_factory=list)  # internal nodes, origin side first
+    arg_node: int | None = None
+
+
+@dataclass(eq=False)
+class Promise:
+    """A deferred value request made at an Origin Node; ``parent`` links promise trees."""
+
+    origin: int
+    branches: list[PromiseBranch] = field(default_factory=list)
+    parent: PromiseBranch | None = None
+
+
+class PromiseResolver(Resolver):
+    """Resolves forward values from the graph's saved tensors, making promises as needed."""
+
+    def __init__(self, graph, outputs, inputs):
+        super().__init__(graph, outputs, inputs)
+        self.promises: list[Promise] = []
+        self.pre_promises = 0
+        self.aggregations = 0
+        self.inversions = 0
+        self.replayed: set[int] = set()
+        self._busy: set[Edge] = set()
+        self._not_direct: set[Edge] = set()
+
+    # -- sources that need no promise -------------------------------------------------
+    def direct(self, edge: Edge) -> Value | None:
+        """The value when it is retrievable without walking: memo, own saved tensors, taps."""
+        if edge in self.memo:
+            return self.memo[edge]
+        if edge in self._not_direct:
+            return None
+        i, k = edge
+        gn = self.graph.nodes[i]
+        var = leaf_variable(gn.fn)
+        value = var.detach() if var is not None else None
+        entry = lookup(gn.name)
+        if value is None and entry is not None and k == 0:
+            own = entry.own(gn.fn)
+            value = None if own is None else own.detach()
+        if value is None:
+            value = self._tap(edge)
+        if value is None:
+            self._not_direct.add(edge)
+            return None
+        self.memo[edge] = Value(value)
+        return self.memo[edge]
+
+    def _tap(self, edge: Edge):
+        i, k = edge
+        for consumer, slot in self.graph.nodes[i].consumers:
+            cn = self.graph.nodes[consumer]
+            if cn.inputs[slot] != edge:
+                continue
+            entry = lookup(cn.name)
+            if entry is None:
+                continue
+            taps = entry.taps(cn.fn)
+            if slot in taps:
+                return taps[slot].detach()
+        return None
+
+    # -- the promise walk -----------------------------------------------------------------
+    def value(self, edge: Edge, requester: int) -> Value:
+        found = self.direct(edge)
+        if found is not None:
+            return found
+        promise = Promise(requester)
+        self.promises.append(promise)
+        return self._branch(promise, edge)
+
+    def _branch(self, promise: Promise, edge: Edge) -> Value:
+        branch = PromiseBranch(edge)
+        promise.branches.append(branch)
+        value = self._walk(branch, edge, came_from=promise.origin)
+        if value is None:
+            raise self._unrecoverable(promise.origin, edge)
+        return value
+
+    def _walk(self, branch: PromiseBranch, edge: Edge, came_from: int) -> Value | None:
+        found = self.direct(edge)
+        if found is not None:
+            if branch.arg_node is None:
+                branch.arg_node = edge[0]
+            return found
+        if edge in self._busy:
+            return None
+        self._busy.add(edge)
+        try:
+            return self._walk_internal(branch, edge, came_from)
+        finally:
+            self._busy.discard(edge)
+
+    def _walk_internal(self, branch: PromiseBranch, edge: Edge, came_from: int) -> Value | None:
+        i, k = edge
+        gn = self.graph.nodes[i]
+        if i in self.replayed:  # another branch rebuilt this node already
+            self.aggregations += 1
+            return self.memo.get(edge)
+        branch.path.append(i)
+        if any(not self.processed[c] for c, _ in gn.consumers if c != came_from):
+            self.pre_promises += 1
+        value = self._replay(branch, gn, k)
+        if value is None:
+            value = self._invert(branch, edge)
+        return value
+
+    def _replay(self, branch: PromiseBranch, gn, k: int) -> Value | None:
+        entry = lookup(gn.name)
+        if entry is None or entry.forward is None:
+            return None
+        missing = [s for s, e in enumerate(gn.inputs) if e is not None and self.direct(e) is None]
+        xs: list = [None] * len(gn.inputs)
+        child_promise = Promise(gn.index, parent=branch) if len(missing) > 1 else None
+        if child_promise is not None:
+            self.promises.append(child_promise)
+        for s, e in enumerate(gn.inputs):
+            if e is None:
+                continue
+            if s in missing:
+                sub = branch
+                if child_promise is not None:
+                    sub = PromiseBranch(e)
+                    child_promise.branches.append(sub)
+                v = self._walk(sub, e, came_from=gn.index)
+            else:
+                v = self.direct(e)
+            if v is None or not v.exact:
+                return None
+            xs[s] = v.tensor
+        try:
+            out = entry.forward(gn.fn, xs)
+        except MissingOperand:
+            return None
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for j, o in enumerate(outs):
+            self.memo.setdefault((gn.index, j), Value(o.detach()))
+        self.replayed.add(gn.index)
+        return self.memo.get((gn.index, k))
+
+    def _invert(self, branch: PromiseBranch, edge: Edge) -> Value | None:
+        i, _ = edge
+        for consumer, slot in self.graph.nodes[i].consumers:
+            cn = self.graph.nodes[consumer]
+            entry = lookup(cn.name)
+            if entry is None or entry.inverse is None or cn.inputs[slot] != edge:
+                continue
+            out = self._walk(branch, (consumer, 0), came_from=i)
+            if out is None:
+                continue
+            xs: list = [None] * len(cn.inputs)
+            for s, e in enumerate(cn.inputs):
+                if e is not None and s != slot:
+                    v = self._walk(branch, e, came_from=consumer)
+                    xs[s] = None if v is None or not v.exact else v.tensor
+            got = entry.inverse(cn.fn, out, xs).get(slot)
+            if got is not None:
+                self.inversions += 1
+                self.memo[edge] = got
+                return got
+        return None
+
+    def _unrecoverable(self, origin: int, edge: Edge) -> UnrecoverableValueError:
+        nodes = self.graph.nodes
+        i, k = edge
+        reason = ""
+        entry = lookup(nodes[i].name)
+        if entry is not None and entry.forward is not None:
+            xs = [None if e is None else (self.direct(e).tensor if self.direct(e) is not None and
+                                          self.direct(e).exact else None) for e in nodes[i].inputs]
+            try:
+                entry.forward(nodes[i].fn, xs)
+            except MissingOperand as exc:
+                reason = f": missing {exc}"
+            except Exception:  # noqa: BLE001 - only used to word the message
+                pass
+        return UnrecoverableValueError(
+            f"the rule at {nodes[origin].name} needs the output of {nodes[i].name}"
+            f"{'' if k == 0 else f' (output {k})'}, which the autograd graph cannot rebuild{reason}. "
+            "This happens when a parameter that is not in the graph (for example the bias of a "
+            "frozen layer) is needed. Record the forward pass instead: "
+            "`with dynlrp.record() as tape: y = model(x)` then `dynlrp.lrp(y, x, tape=tape)`; "
+            "or keep the biases trainable (`requires_grad_(True)`) during the forward pass."
+        )
+
+    def stats(self) -> dict[str, float]:
+        branches = [b for p in self.promises for b in p.branches]
+        internal = len(self.replayed)
+        paths = [len(b.path) for b in branches]
+        n = max(len(self.graph.order), 1)
+        return {
+            "promises": len(self.promises),
+            "promise_branches": len(branches),
+            "pre_promises": self.pre_promises,
+            "promise_internal_nodes": internal,
+            "mean_promise_path": (sum(paths) / len(paths)) if paths else 0.0,
+            "promise_density": len(self.promises) / n,
+            "aggregations": self.aggregations,
+            "inversions": self.inversions,
+            "promise_trees": sum(1 for p in self.promises if p.parent is not None),
+        }

@@ -1,0 +1,88 @@
+"""The only module that reads private autograd attributes.
+
+Autograd nodes keep what their gradient needs as ``_saved_<name>`` attributes and describe
+their forward outputs in ``_input_metadata``. Both are undocumented and change between
+torch releases, so every access goes through this module: an op entry asks for
+``saved(node, "self")``, never for ``node._saved_self``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .errors import GraphFreedError
+
+_MISSING = object()
+_U64 = 1 << 64
+
+
+def saved(node: Any, name: str) -> Any:
+    """Return the value autograd saved as ``_saved_<name>`` on ``node``, or ``None``.
+
+    Raises
+    ------
+    GraphFreedError
+        When the saved tensors were freed by a ``.backward()`` without ``retain_graph``.
+    """
+    try:
+        value = getattr(node, "_saved_" + name, _MISSING)
+    except RuntimeError as exc:  # autograd says the buffers were freed
+        raise GraphFreedError(
+            f"the forward values saved by {node.name()} were freed, most likely by a "
+            "`.backward()` or `autograd.grad` call without `retain_graph=True`. Run the "
+            "forward pass again, or pass `retain_graph=True` to the earlier backward."
+        ) from exc
+    return None if value is _MISSING else value
+
+
+def saved_dim(node: Any, name: str = "dim") -> Any:
+    """A saved dimension (int or tuple); autograd stores negative dims as unsigned 64-bit."""
+    value = saved(node, name)
+    if isinstance(value, (tuple, list)):
+        return tuple(_signed(v) for v in value)
+    return None if value is None else _signed(value)
+
+
+def _signed(v: int) -> int:
+    return v - _U64 if v >= (1 << 63) else v
+
+
+def node_name(node: Any) -> str:
+    """The autograd node's type name, e.g. ``"AddmmBackward0"`` or a custom Function's."""
+    return node.name() if hasattr(node, "name") else type(node).__name__
+
+
+def leaf_variable(node: Any) -> torch.Tensor | None:
+    """The leaf tensor of an ``AccumulateGrad`` node."""
+    return getattr(node, "variable", None)
+
+
+def output_meta(node: Any, index: int) -> tuple[torch.Size, torch.dtype, torch.device]:
+    """Shape, dtype and device of forward output ``index`` of ``node``."""
+    var = leaf_variable(node)
+    if var is not None:
+        return var.shape, var.dtype, var.device
+    meta = node._input_metadata[index]
+    return torch.Size(meta.shape), meta.dtype, meta.device
+
+
+def num_outputs(node: Any) -> int:
+    """How many forward outputs ``node`` has (1 for leaves)."""
+    if leaf_variable(node) is not None:
+        return 1
+    return len(node._input_metadata)
+
+
+def custom_saved_tensors(node: Any) -> tuple[torch.Tensor, ...]:
+    """Tensors a custom ``autograd.Function`` saved with ``save_for_backward``."""
+    return tuple(getattr(node, "saved_tensors", ()))
+
+
+def check_not_freed(node: Any) -> None:
+    """Raise :class:`GraphFreedError` if ``node``'s saved tensors were released."""
+    for attr in dir(node):
+        if attr.startswith("_saved_"):
+            saved(node, attr[len("_saved_"):])
+            return
