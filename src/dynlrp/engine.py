@@ -11,17 +11,18 @@ to the node's inputs. The engine never names an op.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from . import ops, presets
-from .errors import GraphError, GraphFreedError, NonFiniteRelevanceError, UnknownOpError
-from .graph import Graph, GNode, build
+from .errors import GraphError, NonFiniteRelevanceError, UnknownOpError, UnrecoverableValueError
+from .graph import GNode, Graph, build
 from .ops import Value
-from .record import Tape, TapeResolver
 from .promise import PromiseResolver
-from .saved import output_meta
+from .record import Tape, TapeResolver
+from .saved import apply_node, num_outputs, output_meta
 from .values import Resolver
 
 
@@ -69,16 +70,7 @@ class RuleContext:
 
     def vjp_all(self, grads: list) -> tuple:
         """``J^T g``: the autograd node applied to ``grads`` (one per forward output)."""
-        try:
-            out = self.node(*grads)
-        except RuntimeError as exc:
-            if "freed" in str(exc) or "second time" in str(exc):
-                raise GraphFreedError(
-                    f"the saved tensors of {self.gn.name} were freed by an earlier backward "
-                    "without retain_graph=True; run the forward pass again."
-                ) from exc
-            raise
-        return out if isinstance(out, tuple) else (out,)
+        return apply_node(self.node, grads)
 
     def vjp(self, grad: torch.Tensor) -> tuple:
         grads = [grad] + [None] * (len(self.relevances) - 1)
@@ -215,16 +207,14 @@ def _check_partial(ctx: RuleContext, masks: list, gn: GNode) -> None:
     r = ctx.relevance
     for mask in masks:
         if mask.shape != r.shape or (r[~mask] != 0).any():
-            raise presets_error(gn)
+            raise _partial_error(gn)
     # Fill the unknown positions so that rules see finite numbers (their relevance is 0).
     for key, v in list(ctx._values.items()):
         if not v.exact:
             ctx._values[key] = Value(torch.where(v.mask, v.tensor, torch.ones_like(v.tensor)))
 
 
-def presets_error(gn: GNode):
-    from .errors import UnrecoverableValueError
-
+def _partial_error(gn: GNode) -> UnrecoverableValueError:
     return UnrecoverableValueError(
         f"the rule at {gn.name} needs forward values that the graph only partly recovers (a "
         "layer's output seen through a ReLU), and relevance flows where they are unknown. "
@@ -233,10 +223,6 @@ def presets_error(gn: GNode):
 
 
 def _num_outputs(gn: GNode) -> int:
-    if gn.is_leaf:
-        return 1
-    from .saved import num_outputs
-
     return num_outputs(gn.fn)
 
 

@@ -15,6 +15,10 @@ class GraphFreedError(GraphError):
     """The graph's saved tensors were freed by ``.backward()`` without ``retain_graph``."""
 
 
+class ModifiedInPlaceError(GraphError):
+    """A tensor autograd saved was modified in place after the forward pass."""
+
+
 class UnknownOpError(LRPError):
     """The graph contains autograd nodes that have no registered op entry."""
 

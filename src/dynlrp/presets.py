@@ -8,7 +8,8 @@ functions returning rule sets; ``rules=`` accepts a preset's name, a rule set or
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from . import rules as R
 

@@ -12,10 +12,36 @@ from typing import Any
 
 import torch
 
-from .errors import GraphFreedError
+from .errors import GraphFreedError, ModifiedInPlaceError
 
 _MISSING = object()
 _U64 = 1 << 64
+
+
+def _translate(node: Any, exc: RuntimeError) -> Exception:
+    text = str(exc)
+    if "modified by an inplace operation" in text:
+        return ModifiedInPlaceError(
+            f"a tensor saved by {node_name(node)} was modified in place after the forward pass, "
+            "so the graph no longer describes the values it computed. Run the forward pass "
+            "again, or clone the tensor before modifying it."
+        )
+    if "freed" in text or "second time" in text:
+        return GraphFreedError(
+            f"the forward values saved by {node_name(node)} were freed, most likely by a "
+            "`.backward()` or `autograd.grad` call without `retain_graph=True`. Run the "
+            "forward pass again, or pass `retain_graph=True` to the earlier backward."
+        )
+    return exc
+
+
+def apply_node(node: Any, grads: list) -> tuple:
+    """Call an autograd node on ``grads`` (one per forward output): ``J^T g`` per input."""
+    try:
+        out = node(*grads)
+    except RuntimeError as exc:
+        raise _translate(node, exc) from exc
+    return out if isinstance(out, tuple) else (out,)
 
 
 def saved(node: Any, name: str) -> Any:
@@ -28,12 +54,8 @@ def saved(node: Any, name: str) -> Any:
     """
     try:
         value = getattr(node, "_saved_" + name, _MISSING)
-    except RuntimeError as exc:  # autograd says the buffers were freed
-        raise GraphFreedError(
-            f"the forward values saved by {node.name()} were freed, most likely by a "
-            "`.backward()` or `autograd.grad` call without `retain_graph=True`. Run the "
-            "forward pass again, or pass `retain_graph=True` to the earlier backward."
-        ) from exc
+    except RuntimeError as exc:
+        raise _translate(node, exc) from exc
     return None if value is _MISSING else value
 
 

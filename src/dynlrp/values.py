@@ -7,7 +7,7 @@ saved) and :class:`dynlrp.record.TapeResolver` (recorded mode: from the tape).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

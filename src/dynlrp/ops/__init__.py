@@ -29,8 +29,9 @@ Register with :func:`register`; the engine only ever calls :func:`lookup`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -55,7 +55,8 @@ def _sub_inverse(node, out, xs):
 register("AddBackward0", "sum", "exact", forward=_add_forward, inverse=_add_inverse)
 register("SubBackward0", "sum", "exact", forward=_sub_forward, inverse=_sub_inverse)
 register("RsubBackward0", "sum", "exact",
-         forward=lambda n, xs: operand(n, xs, 1, None, "minuend") - _alpha(n) * operand(n, xs, 0, None, "subtrahend"))
+         forward=lambda n, xs: operand(n, xs, 1, None, "minuend")
+         - _alpha(n) * operand(n, xs, 0, None, "subtrahend"))
 # Scalar variants: the scalar is a constant outside the graph.
 register(("AddBackward1", "SubBackward1", "RsubBackward1"), "sum", "exact")
 

@@ -62,7 +62,8 @@ register("BmmBackward0", "linear", "bias",
                                          operand(n, xs, 1, "mat2", "second batch")),
          own=_bmm_own, taps=taps_from((0, "self"), (1, "mat2")))
 register("MvBackward0", "linear", "bias",
-         forward=lambda n, xs: torch.mv(operand(n, xs, 0, "self", "matrix"), operand(n, xs, 1, "vec", "vector")),
+         forward=lambda n, xs: torch.mv(operand(n, xs, 0, "self", "matrix"),
+                                        operand(n, xs, 1, "vec", "vector")),
          taps=taps_from((0, "self"), (1, "vec")))
 
 
