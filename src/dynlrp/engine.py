@@ -10,6 +10,7 @@ to the node's inputs. The engine never names an op.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -94,8 +95,14 @@ class LRP:
         A preset name (``"epsilon"``), a mapping ``{op name or kind: Rule}`` or a
         :class:`~dynlrp.presets.RuleSet`. ``None`` uses the defaults.
     check_finite
-        Raise :class:`~dynlrp.errors.NonFiniteRelevanceError` naming the first op whose
-        relevance is not finite (one reduction per node; turn off for speed).
+        Raise :class:`~dynlrp.errors.NonFiniteRelevanceError` when the seed or the result
+        holds NaN or inf, naming the first op that produced it (found by a second, checked
+        pass that only runs when something is wrong, so the check costs nothing otherwise).
+    fallback
+        What to do with ops that have no entry. ``None`` (default): raise
+        :class:`~dynlrp.errors.UnknownOpError` listing them. ``"pass"``: the identity rule
+        (relevance split evenly over the op's inputs); ``"gradient"``: relevance routed by the
+        op's gradient (gradient x input behaviour). Both warn, naming the ops.
 
     Attributes
     ----------
@@ -104,9 +111,12 @@ class LRP:
         ``mean_promise_path``, ``promise_density`` (paper Table 4) and more.
     """
 
-    def __init__(self, rules: Any = None, *, check_finite: bool = True) -> None:
+    def __init__(self, rules: Any = None, *, check_finite: bool = True, fallback: str | None = None) -> None:
+        if fallback not in (None, "pass", "gradient"):
+            raise ValueError(f"fallback must be None, 'pass' or 'gradient', not {fallback!r}")
         self.rules = presets.resolve(rules)
         self.check_finite = check_finite
+        self.fallback = fallback
         self.stats: dict[str, float] = {}
 
     def __call__(
@@ -121,13 +131,20 @@ class LRP:
         inputs = _as_tuple(inputs, "inputs")
         seeds = self._seeds(outputs, relevance)
         graph = build(outputs, inputs)
-        _check_coverage(graph)
-        with torch.no_grad():
+        entries = self._entries(graph)
+
+        def run(check_each: bool) -> tuple[list, Resolver]:
             if tape is not None:
                 resolver: Resolver = TapeResolver(graph, outputs, inputs, tape)
             else:
                 resolver = PromiseResolver(graph, outputs, inputs)
-            result = self._propagate(graph, seeds, resolver)
+            return self._propagate(graph, entries, seeds, resolver, check_each), resolver
+
+        with torch.no_grad():
+            result, resolver = run(False)
+            if self.check_finite and any(r is not None and not torch.isfinite(r).all() for r in result):
+                run(True)  # raises, naming the first op whose relevance is not finite
+                raise NonFiniteRelevanceError("the relevance contains NaN or inf")
         self.stats = {"nodes": len(graph.order), "graph_nodes": len(graph.nodes), **resolver.stats()}
         return tuple(
             torch.zeros_like(x) if r is None else r.to(x.dtype) for x, r in zip(inputs, result)
@@ -149,7 +166,30 @@ class LRP:
                 raise NonFiniteRelevanceError(f"relevance[{pos}] (the seed) contains NaN or inf")
         return [r.detach().to(y.dtype) for y, r in zip(outputs, seeds)]
 
-    def _propagate(self, graph: Graph, seeds: list, resolver: Resolver) -> list:
+    def _entries(self, graph: Graph) -> dict[int, ops.OpEntry]:
+        entries: dict[int, ops.OpEntry] = {}
+        missing: Counter = Counter()
+        for i in graph.order:
+            gn = graph.nodes[i]
+            if gn.is_leaf:
+                continue
+            entry = ops.lookup(gn.name)
+            if entry is None:
+                missing[gn.name] += 1
+                if self.fallback is not None:
+                    kind = "elementwise" if self.fallback == "pass" else "route"
+                    entry = ops.OpEntry(gn.name, kind, "none")
+            entries[i] = entry
+        if missing and self.fallback is None:
+            raise UnknownOpError(unknown_ops_message(missing))
+        if missing:
+            listing = ", ".join(f"{name} x{count}" for name, count in missing.most_common())
+            warnings.warn(f"dynlrp: no LRP rule for {listing}; using the {self.fallback!r} fallback",
+                          stacklevel=3)
+        return entries
+
+    def _propagate(self, graph: Graph, entries: dict, seeds: list, resolver: Resolver,
+                   check_each: bool) -> list:
         pending: dict[tuple[int, int], torch.Tensor] = {}
         for edge, seed in zip(graph.roots, seeds):
             _accumulate(pending, edge, seed)
@@ -166,10 +206,10 @@ class LRP:
                 resolver.processed[i] = True
                 continue
             rels = [r if r is not None else _zeros(gn, k) for k, r in enumerate(rels)]
-            entry = ops.lookup(gn.name)
+            entry = entries[i]
             rule = self.rules.rule_for(gn.name, entry.kind, gn.fn)
             ctx = RuleContext(gn, entry, graph, rels, resolver)
-            out = self._apply(rule, ctx, gn)
+            out = self._apply(rule, ctx, gn, check_each)
             resolver.processed[i] = True
             for slot, r in enumerate(out):
                 e = gn.inputs[slot]
@@ -178,7 +218,7 @@ class LRP:
                 _accumulate(pending, e, r)
         return [found.get(t) for t in graph.targets]
 
-    def _apply(self, rule, ctx: RuleContext, gn: GNode) -> list:
+    def _apply(self, rule, ctx: RuleContext, gn: GNode, check_each: bool) -> list:
         needs = rule.needs(ctx)
         partial = []
         for slot in needs.inputs:
@@ -192,7 +232,7 @@ class LRP:
         if partial:
             _check_partial(ctx, partial, gn)
         out = rule(ctx)
-        if self.check_finite:
+        if check_each:
             for slot, r in enumerate(out):
                 if r is not None and not torch.isfinite(r).all():
                     raise NonFiniteRelevanceError(
@@ -234,15 +274,6 @@ def _zeros(gn: GNode, k: int) -> torch.Tensor:
 def _accumulate(pending: dict, edge: tuple[int, int], r: torch.Tensor) -> None:
     prev = pending.get(edge)
     pending[edge] = r if prev is None else prev + r
-
-
-def _check_coverage(graph: Graph) -> None:
-    missing = Counter(
-        graph.nodes[i].name for i in graph.order
-        if not graph.nodes[i].is_leaf and ops.lookup(graph.nodes[i].name) is None
-    )
-    if missing:
-        raise UnknownOpError(unknown_ops_message(missing))
 
 
 def unknown_ops_message(missing: Counter) -> str:

@@ -30,6 +30,7 @@ node replayed at most once (the memo), which gives the bound of Theorem 1.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 from .errors import UnrecoverableValueError
@@ -69,6 +70,8 @@ class PromiseResolver(Resolver):
         self.replayed: set[int] = set()
         self._busy: set[Edge] = set()
         self._not_direct: set[Edge] = set()
+        self._failed: set[Edge] = set()
+        self._cuts = 0  # walks stopped by the cycle guard: their failures depend on context
 
     # -- sources that need no promise -------------------------------------------------
     def direct(self, edge: Edge) -> Value | None:
@@ -114,7 +117,14 @@ class PromiseResolver(Resolver):
             return found
         promise = Promise(requester)
         self.promises.append(promise)
-        return self._branch(promise, edge)
+        # A branch may walk the whole depth of the graph (a residual stream): allow the
+        # recursion it needs.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 1000 + 12 * len(self.graph.nodes)))
+        try:
+            return self._branch(promise, edge)
+        finally:
+            sys.setrecursionlimit(limit)
 
     def _branch(self, promise: Promise, edge: Edge) -> Value:
         branch = PromiseBranch(edge)
@@ -131,12 +141,19 @@ class PromiseResolver(Resolver):
                 branch.arg_node = edge[0]
             return found
         if edge in self._busy:
+            self._cuts += 1
+            return None
+        if edge in self._failed:
             return None
         self._busy.add(edge)
+        cuts = self._cuts
         try:
-            return self._walk_internal(branch, edge, came_from)
+            value = self._walk_internal(branch, edge, came_from)
         finally:
             self._busy.discard(edge)
+        if value is None and cuts == self._cuts:
+            self._failed.add(edge)  # failed on its own: no need to walk it again
+        return value
 
     def _walk_internal(self, branch: PromiseBranch, edge: Edge, came_from: int) -> Value | None:
         i, k = edge
