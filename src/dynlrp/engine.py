@@ -10,9 +10,11 @@ to the node's inputs. The engine never names an op.
 
 from __future__ import annotations
 
+import sys
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -21,6 +23,7 @@ from . import ops, presets
 from .errors import GraphError, NonFiniteRelevanceError, UnknownOpError, UnrecoverableValueError
 from .graph import GNode, Graph, build
 from .ops import Value
+from .plan import Plan, PlanMismatch, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
 from .saved import apply_node, num_outputs, output_meta
@@ -98,6 +101,9 @@ class LRP:
         Raise :class:`~dynlrp.errors.NonFiniteRelevanceError` when the seed or the result
         holds NaN or inf, naming the first op that produced it (found by a second, checked
         pass that only runs when something is wrong, so the check costs nothing otherwise).
+    cache
+        Keep a plan per graph structure (paper 4.4.1): later calls on the same architecture
+        skip the promise search. A plan is used only when the graph's structure matches it.
     fallback
         What to do with ops that have no entry. ``None`` (default): raise
         :class:`~dynlrp.errors.UnknownOpError` listing them. ``"pass"``: the identity rule
@@ -111,13 +117,19 @@ class LRP:
         ``mean_promise_path``, ``promise_density`` (paper Table 4) and more.
     """
 
-    def __init__(self, rules: Any = None, *, check_finite: bool = True, fallback: str | None = None) -> None:
+    max_plans = 8
+
+    def __init__(
+        self, rules: Any = None, *, check_finite: bool = True, cache: bool = True, fallback: str | None = None
+    ) -> None:
         if fallback not in (None, "pass", "gradient"):
             raise ValueError(f"fallback must be None, 'pass' or 'gradient', not {fallback!r}")
         self.rules = presets.resolve(rules)
         self.check_finite = check_finite
+        self.cache = cache
         self.fallback = fallback
         self.stats: dict[str, float] = {}
+        self.plans: OrderedDict[tuple, Plan] = OrderedDict()
 
     def __call__(
         self,
@@ -131,21 +143,36 @@ class LRP:
         inputs = _as_tuple(inputs, "inputs")
         seeds = self._seeds(outputs, relevance)
         graph = build(outputs, inputs)
-        entries = self._entries(graph)
+        signature = graph.signature() if self.cache and tape is None else None
+        plan = self.plans.get(signature) if signature is not None else None
+        entries = plan.entries if plan is not None else self._entries(graph)
+        rules = plan.rules if plan is not None else {}
 
-        def run(check_each: bool) -> tuple[list, Resolver]:
+        def run(check_each: bool, plan: Plan | None) -> tuple[list, Resolver]:
             if tape is not None:
                 resolver: Resolver = TapeResolver(graph, outputs, inputs, tape)
+            elif plan is not None:
+                resolver = PlannedResolver(graph, outputs, inputs, plan)
             else:
                 resolver = PromiseResolver(graph, outputs, inputs)
-            return self._propagate(graph, entries, seeds, resolver, check_each), resolver
+            return self._propagate(graph, entries, rules, seeds, resolver, check_each), resolver
 
-        with torch.no_grad():
-            result, resolver = run(False)
+        with torch.no_grad(), _deep_recursion(len(graph.nodes)):
+            try:
+                result, resolver = run(False, plan)
+            except PlanMismatch:  # the structure matched but a recipe did not: plan again
+                self.plans.pop(signature, None)
+                plan = None
+                result, resolver = run(False, None)
             if self.check_finite and any(r is not None and not torch.isfinite(r).all() for r in result):
-                run(True)  # raises, naming the first op whose relevance is not finite
+                run(True, None)  # raises, naming the first op whose relevance is not finite
                 raise NonFiniteRelevanceError("the relevance contains NaN or inf")
-        self.stats = {"nodes": len(graph.order), "graph_nodes": len(graph.nodes), **resolver.stats()}
+        self.stats = {"nodes": len(graph.order), "graph_nodes": len(graph.nodes), **resolver.stats(),
+                      "cached_plan": plan is not None}
+        if signature is not None and plan is None:
+            self.plans[signature] = Plan(signature, entries, rules, resolver.how, resolver.stats())
+            while len(self.plans) > self.max_plans:
+                self.plans.popitem(last=False)
         return tuple(
             torch.zeros_like(x) if r is None else r.to(x.dtype) for x, r in zip(inputs, result)
         )
@@ -188,7 +215,7 @@ class LRP:
                           stacklevel=3)
         return entries
 
-    def _propagate(self, graph: Graph, entries: dict, seeds: list, resolver: Resolver,
+    def _propagate(self, graph: Graph, entries: dict, rules: dict, seeds: list, resolver: Resolver,
                    check_each: bool) -> list:
         pending: dict[tuple[int, int], torch.Tensor] = {}
         for edge, seed in zip(graph.roots, seeds):
@@ -207,7 +234,9 @@ class LRP:
                 continue
             rels = [r if r is not None else _zeros(gn, k) for k, r in enumerate(rels)]
             entry = entries[i]
-            rule = self.rules.rule_for(gn.name, entry.kind, gn.fn)
+            rule = rules.get(i)
+            if rule is None:
+                rule = rules[i] = self.rules.rule_for(gn.name, entry.kind, gn.fn)
             ctx = RuleContext(gn, entry, graph, rels, resolver)
             out = self._apply(rule, ctx, gn, check_each)
             resolver.processed[i] = True
@@ -269,6 +298,17 @@ def _num_outputs(gn: GNode) -> int:
 def _zeros(gn: GNode, k: int) -> torch.Tensor:
     shape, dtype, device = output_meta(gn.fn, k)
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+@contextmanager
+def _deep_recursion(nodes: int):
+    """Value walks may follow the whole depth of a graph (a residual stream)."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 1000 + 12 * nodes))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(limit)
 
 
 def _accumulate(pending: dict, edge: tuple[int, int], r: torch.Tensor) -> None:

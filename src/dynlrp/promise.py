@@ -30,14 +30,13 @@ node replayed at most once (the memo), which gives the bound of Theorem 1.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 
 from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver
+from .values import Resolver, tap_value
 
 
 @dataclass(eq=False)
@@ -71,7 +70,11 @@ class PromiseResolver(Resolver):
         self._busy: set[Edge] = set()
         self._not_direct: set[Edge] = set()
         self._failed: set[Edge] = set()
+        # For each node a branch walked into or ended at: the edges (consumer, slot) it was
+        # reached through. A replayed node reached through a new edge is an aggregation.
+        self._entered: dict[int, set[tuple[int, int]]] = {}
         self._cuts = 0  # walks stopped by the cycle guard: their failures depend on context
+        self.how: dict[Edge, tuple] = {e: ("given",) for e in self.memo}  # the plan (4.4.1)
 
     # -- sources that need no promise -------------------------------------------------
     def direct(self, edge: Edge) -> Value | None:
@@ -83,32 +86,29 @@ class PromiseResolver(Resolver):
         i, k = edge
         gn = self.graph.nodes[i]
         var = leaf_variable(gn.fn)
+        how: tuple = ("leaf",)
         value = var.detach() if var is not None else None
         entry = lookup(gn.name)
         if value is None and entry is not None and k == 0:
             own = entry.own(gn.fn)
-            value = None if own is None else own.detach()
+            value, how = (None, how) if own is None else (own.detach(), ("own",))
         if value is None:
-            value = self._tap(edge)
+            value, how = self._tap(edge)
         if value is None:
             self._not_direct.add(edge)
             return None
         self.memo[edge] = Value(value)
+        self.how[edge] = how
         return self.memo[edge]
 
-    def _tap(self, edge: Edge):
-        i, k = edge
-        for consumer, slot in self.graph.nodes[i].consumers:
-            cn = self.graph.nodes[consumer]
-            if cn.inputs[slot] != edge:
-                continue
-            entry = lookup(cn.name)
-            if entry is None:
-                continue
-            taps = entry.taps(cn.fn)
-            if slot in taps:
-                return taps[slot].detach()
-        return None
+    def _tap(self, edge: Edge) -> tuple:
+        for consumer, slot in self.graph.nodes[edge[0]].consumers:
+            if self.graph.nodes[consumer].inputs[slot] != edge:
+                continue  # the consumer reads another output of this node
+            value = tap_value(self.graph, consumer, slot)
+            if value is not None:
+                return value, ("tap", consumer, slot)
+        return None, None
 
     # -- the promise walk -----------------------------------------------------------------
     def value(self, edge: Edge, requester: int) -> Value:
@@ -117,35 +117,29 @@ class PromiseResolver(Resolver):
             return found
         promise = Promise(requester)
         self.promises.append(promise)
-        # A branch may walk the whole depth of the graph (a residual stream): allow the
-        # recursion it needs.
-        limit = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(limit, 1000 + 12 * len(self.graph.nodes)))
-        try:
-            return self._branch(promise, edge)
-        finally:
-            sys.setrecursionlimit(limit)
+        return self._branch(promise, edge)
 
     def _branch(self, promise: Promise, edge: Edge) -> Value:
         branch = PromiseBranch(edge)
         promise.branches.append(branch)
-        value = self._walk(branch, edge, came_from=promise.origin)
+        inputs = self.graph.nodes[promise.origin].inputs
+        slot = inputs.index(edge) if edge in inputs else -1  # -1: the origin's own output
+        value = self._walk(branch, edge, came_from=promise.origin, slot=slot)
         if value is None:
             raise self._unrecoverable(promise.origin, edge)
         return value
 
-    def _walk(self, branch: PromiseBranch, edge: Edge, came_from: int) -> Value | None:
+    def _walk(self, branch: PromiseBranch, edge: Edge, came_from: int, slot: int = -1) -> Value | None:
         found = self.direct(edge)
         if found is not None:
-            if branch.arg_node is None:
-                branch.arg_node = edge[0]
-            return found
+            return self._ends_at(branch, edge, found, (came_from, slot))
         if edge in self._busy:
             self._cuts += 1
             return None
         if edge in self._failed:
             return None
         self._busy.add(edge)
+        self._entered.setdefault(edge[0], set()).add((came_from, slot))
         cuts = self._cuts
         try:
             value = self._walk_internal(branch, edge, came_from)
@@ -158,15 +152,31 @@ class PromiseResolver(Resolver):
     def _walk_internal(self, branch: PromiseBranch, edge: Edge, came_from: int) -> Value | None:
         i, k = edge
         gn = self.graph.nodes[i]
-        if i in self.replayed:  # another branch rebuilt this node already
-            self.aggregations += 1
-            return self.memo.get(edge)
         branch.path.append(i)
         if any(not self.processed[c] for c, _ in gn.consumers if c != came_from):
             self.pre_promises += 1
         value = self._replay(branch, gn, k)
         if value is None:
             value = self._invert(branch, edge)
+        return value
+
+    def _ends_at(self, branch: PromiseBranch, edge: Edge, value: Value | None,
+                 via: tuple[int, int]) -> Value | None:
+        """The branch found ``value`` at ``edge``, reached through ``via`` = (consumer, slot),
+        without walking on: it ends there.
+
+        The first such node is the branch's Arg Node. A node that a branch coming through
+        another edge already replayed is where the branches meet and share one resolution
+        (appendix E): an aggregation.
+        """
+        if value is None:
+            return None
+        entered = self._entered.setdefault(edge[0], set())
+        if edge[0] in self.replayed and via not in entered:
+            self.aggregations += 1
+        entered.add(via)
+        if branch.arg_node is None:
+            branch.arg_node = edge[0]
         return value
 
     def _replay(self, branch: PromiseBranch, gn, k: int) -> Value | None:
@@ -186,9 +196,9 @@ class PromiseResolver(Resolver):
                 if child_promise is not None:
                     sub = PromiseBranch(e)
                     child_promise.branches.append(sub)
-                v = self._walk(sub, e, came_from=gn.index)
+                v = self._walk(sub, e, came_from=gn.index, slot=s)
             else:
-                v = self.direct(e)
+                v = self._ends_at(branch, e, self.direct(e), (gn.index, s))
             if v is None or not v.exact:
                 return None
             xs[s] = v.tensor
@@ -198,7 +208,9 @@ class PromiseResolver(Resolver):
             return None
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for j, o in enumerate(outs):
-            self.memo.setdefault((gn.index, j), Value(o.detach()))
+            if (gn.index, j) not in self.memo:
+                self.memo[(gn.index, j)] = Value(o.detach())
+                self.how[(gn.index, j)] = ("replay",)
         self.replayed.add(gn.index)
         return self.memo.get((gn.index, k))
 
@@ -215,12 +227,13 @@ class PromiseResolver(Resolver):
             xs: list = [None] * len(cn.inputs)
             for s, e in enumerate(cn.inputs):
                 if e is not None and s != slot:
-                    v = self._walk(branch, e, came_from=consumer)
+                    v = self._walk(branch, e, came_from=consumer, slot=s)
                     xs[s] = None if v is None or not v.exact else v.tensor
             got = entry.inverse(cn.fn, out, xs).get(slot)
             if got is not None:
                 self.inversions += 1
                 self.memo[edge] = got
+                self.how[edge] = ("inverse", consumer, slot)
                 return got
         return None
 

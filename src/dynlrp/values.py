@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from .graph import Edge, Graph
-from .ops import Value
+from .ops import Value, lookup
 
 
 class Resolver:
@@ -39,3 +39,13 @@ class Resolver:
 
     def stats(self) -> dict[str, float]:
         return {}
+
+
+def tap_value(graph: Graph, consumer: int, slot: int) -> torch.Tensor | None:
+    """The value of input ``slot`` of node ``consumer`` if that node saved it, else None."""
+    cn = graph.nodes[consumer]
+    entry = lookup(cn.name)
+    if entry is None:
+        return None
+    value = entry.taps(cn.fn).get(slot)
+    return None if value is None else value.detach()

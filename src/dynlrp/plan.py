@@ -1,0 +1,98 @@
+"""The plan cache (paper 4.4.1).
+
+Repeated calls on the same architecture walk the same graph and resolve the same promise
+paths. A :class:`Plan` keeps, per graph structure, what the first call found: the
+traversal order, the op entry and rule of every node, and how every forward value was
+obtained (given, leaf, own saved tensors, a consumer's tap, a replayed forward closure, an
+inversion). A later call whose graph has the same structure -- checked every time, never
+assumed -- follows the plan: no promise search, and the same statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import UnrecoverableValueError
+from .graph import Edge
+from .ops import MissingOperand, Value, lookup
+from .saved import leaf_variable
+from .values import Resolver, tap_value
+
+
+class PlanMismatch(Exception):
+    """A cached recipe did not apply to this graph; the engine re-plans."""
+
+
+@dataclass
+class Plan:
+    """What one call learned about a graph structure."""
+
+    signature: tuple
+    entries: dict[int, Any]
+    rules: dict[int, Any]
+    how: dict[Edge, tuple]
+    stats: dict[str, float]
+
+
+class PlannedResolver(Resolver):
+    """Resolves forward values by following the recipes of a :class:`Plan`."""
+
+    def __init__(self, graph, outputs, inputs, plan: Plan):
+        super().__init__(graph, outputs, inputs)
+        self.plan = plan
+
+    def value(self, edge: Edge, requester: int) -> Value:
+        try:
+            return self._get(edge)
+        except (MissingOperand, KeyError, TypeError, IndexError) as exc:
+            raise PlanMismatch(str(exc)) from exc
+
+    def _get(self, edge: Edge) -> Value:
+        if edge in self.memo:
+            return self.memo[edge]
+        how = self.plan.how.get(edge)
+        if how is None:
+            raise PlanMismatch(f"no recipe for {edge}")
+        gn = self.graph.nodes[edge[0]]
+        kind = how[0]
+        if kind == "leaf":
+            value = Value(leaf_variable(gn.fn).detach())
+        elif kind == "own":
+            own = lookup(gn.name).own(gn.fn)
+            if own is None:
+                raise PlanMismatch(f"{gn.name} no longer rebuilds its output")
+            value = Value(own.detach())
+        elif kind == "tap":
+            tapped = tap_value(self.graph, how[1], how[2])
+            if tapped is None:
+                raise PlanMismatch(f"{self.graph.nodes[how[1]].name} no longer saves its input")
+            value = Value(tapped)
+        elif kind == "replay":
+            xs = [None if e is None else self._exact(e) for e in gn.inputs]
+            out = lookup(gn.name).forward(gn.fn, xs)
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for j, o in enumerate(outs):
+                self.memo.setdefault((gn.index, j), Value(o.detach()))
+            return self.memo[edge]
+        elif kind == "inverse":
+            consumer, slot = how[1], how[2]
+            cn = self.graph.nodes[consumer]
+            out = self._get((consumer, 0))
+            xs = [None if (e is None or s == slot) else self._exact(e) for s, e in enumerate(cn.inputs)]
+            value = lookup(cn.name).inverse(cn.fn, out, xs).get(slot)
+            if value is None:
+                raise PlanMismatch(f"{cn.name} could not be inverted")
+        else:  # "given": the caller's tensors are always in the memo
+            raise UnrecoverableValueError(f"the plan expects a tensor the caller did not pass: {edge}")
+        self.memo[edge] = value
+        return value
+
+    def _exact(self, edge: Edge):
+        v = self._get(edge)
+        if not v.exact:
+            raise PlanMismatch("a replay needs an exact value")
+        return v.tensor
+
+    def stats(self) -> dict[str, float]:
+        return dict(self.plan.stats)
