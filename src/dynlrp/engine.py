@@ -11,6 +11,7 @@ to the node's inputs. The engine never names an op.
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
@@ -110,6 +111,9 @@ class LRP:
         (relevance split evenly over the op's inputs); ``"gradient"``: relevance routed by the
         op's gradient (gradient x input behaviour). Both warn, naming the ops.
 
+    An engine may be shared by several threads: calls keep their state on the stack, and
+    the plan cache is locked. ``stats`` then describes whichever call finished last.
+
     Attributes
     ----------
     stats
@@ -130,6 +134,7 @@ class LRP:
         self.fallback = fallback
         self.stats: dict[str, float] = {}
         self.plans: OrderedDict[tuple, Plan] = OrderedDict()
+        self._lock = threading.Lock()  # guards `plans`; calls themselves share no state
 
     def __call__(
         self,
@@ -144,7 +149,8 @@ class LRP:
         seeds = self._seeds(outputs, relevance)
         graph = build(outputs, inputs)
         signature = graph.signature() if self.cache and tape is None else None
-        plan = self.plans.get(signature) if signature is not None else None
+        with self._lock:
+            plan = self.plans.get(signature) if signature is not None else None
         entries = plan.entries if plan is not None else self._entries(graph)
         rules = plan.rules if plan is not None else {}
 
@@ -161,7 +167,8 @@ class LRP:
             try:
                 result, resolver = run(False, plan)
             except PlanMismatch:  # the structure matched but a recipe did not: plan again
-                self.plans.pop(signature, None)
+                with self._lock:
+                    self.plans.pop(signature, None)
                 plan = None
                 result, resolver = run(False, None)
             if self.check_finite and any(r is not None and not torch.isfinite(r).all() for r in result):
@@ -170,9 +177,10 @@ class LRP:
         self.stats = {"nodes": len(graph.order), "graph_nodes": len(graph.nodes), **resolver.stats(),
                       "cached_plan": plan is not None}
         if signature is not None and plan is None:
-            self.plans[signature] = Plan(signature, entries, rules, resolver.how, resolver.stats())
-            while len(self.plans) > self.max_plans:
-                self.plans.popitem(last=False)
+            with self._lock:
+                self.plans[signature] = Plan(signature, entries, rules, resolver.how, resolver.stats())
+                while len(self.plans) > self.max_plans:
+                    self.plans.popitem(last=False)
         return tuple(
             torch.zeros_like(x) if r is None else r.to(x.dtype) for x, r in zip(inputs, result)
         )
@@ -300,15 +308,26 @@ def _zeros(gn: GNode, k: int) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
+_recursion_lock = threading.Lock()
+_recursion_users = [0, 0]  # active calls, the limit to restore when the last one ends
+
+
 @contextmanager
 def _deep_recursion(nodes: int):
-    """Value walks may follow the whole depth of a graph (a residual stream)."""
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, 1000 + 12 * nodes))
+    """Value walks may follow the whole depth of a graph (a residual stream): raise the
+    recursion limit for the call, and restore it when the last concurrent call ends."""
+    with _recursion_lock:
+        if _recursion_users[0] == 0:
+            _recursion_users[1] = sys.getrecursionlimit()
+        _recursion_users[0] += 1
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 1000 + 12 * nodes))
     try:
         yield
     finally:
-        sys.setrecursionlimit(limit)
+        with _recursion_lock:
+            _recursion_users[0] -= 1
+            if _recursion_users[0] == 0:
+                sys.setrecursionlimit(_recursion_users[1])
 
 
 def _accumulate(pending: dict, edge: tuple[int, int], r: torch.Tensor) -> None:

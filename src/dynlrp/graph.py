@@ -99,8 +99,26 @@ def _target_edge(t: torch.Tensor, index: dict[Any, int], leaves: dict[int, int],
     return leaves[id(t)], 0
 
 
+def _check_supported(t: torch.Tensor, what: str) -> None:
+    if getattr(t, "is_nested", False):
+        raise GraphError(f"{what} is a nested tensor; dynlrp supports dense (strided) tensors. "
+                         "Pad the batch into a dense tensor (and mask the padding) instead.")
+    if t.layout != torch.strided:
+        raise GraphError(f"{what} has layout {t.layout}; dynlrp supports dense (strided) tensors. "
+                         "Call `.to_dense()` before the forward pass.")
+    if t.is_complex():
+        raise GraphError(f"{what} is complex ({t.dtype}); LRP relevance is defined for real tensors. "
+                         "Explain a real-valued function of it built from real tensors.")
+
+
 def build(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Graph:
     """Build the auxiliary graph of ``outputs`` and mark what leads to ``inputs``."""
+    for pos, t in enumerate(outputs):
+        if isinstance(t, torch.Tensor):
+            _check_supported(t, f"outputs[{pos}]")
+    for pos, t in enumerate(inputs):
+        if isinstance(t, torch.Tensor):
+            _check_supported(t, f"inputs[{pos}]")
     for pos, y in enumerate(outputs):
         if not isinstance(y, torch.Tensor):
             raise GraphError(f"outputs[{pos}] is a {type(y).__name__}, not a tensor")
