@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from . import ops, presets
-from .errors import GraphError, NonFiniteRelevanceError, UnknownOpError, UnrecoverableValueError
+from .errors import GraphError, LRPError, NonFiniteRelevanceError, UnknownOpError, UnrecoverableValueError
 from .graph import GNode, Graph, build
 from .ops import Value
 from .plan import Plan, PlanMismatch, PlannedResolver
@@ -34,7 +34,8 @@ from .values import Resolver
 class RuleContext:
     """What a rule sees at one node: relevance, forward values on demand, the adjoint."""
 
-    def __init__(self, gn: GNode, entry: ops.OpEntry, graph: Graph, relevances: list, resolver: Resolver):
+    def __init__(self, gn: GNode, entry: ops.OpEntry, graph: Graph, relevances: list, resolver: Resolver,
+                 fused: int | None = None):
         self.gn = gn
         self.node = gn.fn
         self.entry = entry
@@ -47,6 +48,7 @@ class RuleContext:
         self.graph_inputs = tuple(s for s, e in enumerate(gn.inputs) if e is not None)
         self.reaching = tuple(s for s in self.graph_inputs if graph.nodes[gn.inputs[s][0]].reaches)
         self._values: dict[Any, Value] = {}
+        self.fused = fused  # canonization: the channel-wise affine node folded into this one
 
     def value_of_input(self, slot: int) -> Value:
         if slot not in self._values:
@@ -55,7 +57,8 @@ class RuleContext:
 
     def value_of_output(self) -> Value:
         if "out" not in self._values:
-            self._values["out"] = self._resolver.output(self.gn.index, 0)
+            node = self.gn.index if self.fused is None else self.fused
+            self._values["out"] = self._resolver.output(node, 0)
         return self._values["out"]
 
     def input(self, slot: int) -> torch.Tensor:
@@ -75,11 +78,52 @@ class RuleContext:
 
     def vjp_all(self, grads: list) -> tuple:
         """``J^T g``: the autograd node applied to ``grads`` (one per forward output)."""
-        return apply_node(self.node, grads)
+        if self.fused is not None:  # a channel-wise map is diagonal: it is its own adjoint
+            fused = self._fused_affine()
+            grads = [fused.linear(grads[0], fused.weight), *grads[1:]]
+        out = apply_node(self.node, grads)
+        # Called directly, a node does not sum a broadcast gradient back to its operand's
+        # shape (autograd's engine does that): do it here.
+        return tuple(
+            g if g is None or self.gn.inputs[s] is None or g.shape == (shape := self.input_shape(s))
+            else g.sum_to_size(shape)
+            for s, g in enumerate(out)
+        )
 
     def vjp(self, grad: torch.Tensor) -> tuple:
         grads = [grad] + [None] * (len(self.relevances) - 1)
         return self.vjp_all(grads)
+
+    # -- the op as an affine map with a weight (rules that modify weights; canonization) --------
+    @property
+    def data_slot(self) -> int:
+        """The one input that leads to a requested input (the ``x`` of ``z = W x + b``)."""
+        if len(self.reaching) != 1:
+            raise LRPError(
+                f"a rule that modifies weights needs {self.gn.name} to be a map of one requested "
+                f"input, but inputs {list(self.reaching)} lead to requested inputs; use Epsilon here"
+            )
+        return self.reaching[0]
+
+    def affine(self) -> ops.Affine:
+        """The op as ``z = linear(x, weight) + bias`` of :attr:`data_slot`, asked of its op entry.
+        With canonization, the batch norm folded into this op is part of the map."""
+        view = self.entry.affine(self.node, self.data_slot) if self.entry.affine is not None else None
+        if view is None:
+            raise LRPError(
+                f"{self.gn.name} is not an affine map with a weight (its op entry has no `affine` view "
+                "for this input), so rules that modify weights do not apply; use Epsilon or Norm here"
+            )
+        return view if self.fused is None else ops.fold(view, self._fused_affine())
+
+    def _fused_affine(self) -> ops.Affine:
+        fn = self._graph.nodes[self.fused]
+        entry = ops.lookup(fn.name)
+        view = None if entry is None or entry.affine is None else entry.affine(fn.fn, 0)
+        if view is None or not view.channelwise:
+            raise LRPError(f"{fn.name} can no longer be folded into {self.gn.name} (training mode?); "
+                           "use a new LRP engine or `cache=False`")
+        return view
 
 
 def _as_tuple(x: Any, what: str) -> tuple:
@@ -244,15 +288,16 @@ class LRP:
             entry = entries[i]
             rule = rules.get(i)
             if rule is None:
-                rule = rules[i] = self.rules.rule_for(gn.name, entry.kind, gn.fn)
-            ctx = RuleContext(gn, entry, graph, rels, resolver)
+                rule = rules[i] = self.rules.rule_at(graph, gn, entry)
+            ctx = RuleContext(gn, entry, graph, rels, resolver, fused=rule.fused)
             out = self._apply(rule, ctx, gn, check_each)
             resolver.processed[i] = True
             for slot, r in enumerate(out):
                 e = gn.inputs[slot]
                 if r is None or e is None or not nodes[e[0]].reaches:
                     continue
-                _accumulate(pending, e, r)
+                dtype = output_meta(nodes[e[0]].fn, e[1])[1]
+                _accumulate(pending, e, r if r.dtype == dtype else r.to(dtype))
         return [found.get(t) for t in graph.targets]
 
     def _apply(self, rule, ctx: RuleContext, gn: GNode, check_each: bool) -> list:
@@ -342,4 +387,4 @@ def unknown_ops_message(missing: Counter) -> str:
         "Register an op entry for each, e.g. "
         "`dynlrp.ops.register('MyOpBackward0', kind='elementwise', contract='exact', "
         "forward=lambda node, xs: my_op(xs[0]))`; see dynlrp.ops for the fields."
-    )
+    ) + ops.custom.custom_function_hint(missing)

@@ -9,6 +9,14 @@ Notation: ``z`` is the node's forward output, ``v_i`` its input values, ``J_i`` 
 Jacobian of the output with respect to input ``i`` (for the linear maps rules apply to,
 ``J_i^T s`` is what the autograd node itself computes from ``s``), ``n`` the number of
 inputs that lead to a requested input.
+
+Rules that modify weights (:class:`Gamma`, :class:`ZPlus`, :class:`AlphaBeta`,
+:class:`ZBox`, :class:`Flat`, :class:`WSquare`) see the op as ``z = W x + b`` through
+``ctx.affine()`` (the op entry's :class:`~dynlrp.ops.Affine` view) and run its linear map
+again with modified weights. There ``x+ = max(x, 0)``, ``x- = min(x, 0)``, likewise ``W+``,
+``W-``, ``b+``, ``b-``; ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1``; sums run over
+the output neurons ``j`` a neuron ``i`` feeds. The formulas are the generalized forms of
+Zennit 0.5.1 (Anders et al. 2021), valid for inputs and weights of either sign.
 """
 
 from __future__ import annotations
@@ -20,13 +28,14 @@ import torch
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import RuleContext
+    from .ops import Affine
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
     """``z + eps * sign(z)`` with ``sign(0) = +1``: the epsilon stabiliser of paper Eq. 4."""
     if eps == 0:
         return torch.where(z == 0, torch.ones_like(z), z)
-    return z + torch.where(z >= 0, eps, -eps).to(z.dtype)
+    return torch.where(z >= 0, z + eps, z - eps)  # python scalars keep z's dtype and precision
 
 
 def sum_to(r: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -45,7 +54,13 @@ class Needs:
 
 
 class Rule:
-    """Base class. Subclasses define :meth:`needs` and :meth:`__call__`."""
+    """Base class. Subclasses define :meth:`needs` and :meth:`__call__`.
+
+    ``fused`` is set only on :class:`Folded` rules: the graph node (an eval batch norm)
+    whose map the engine folds into this node's map.
+    """
+
+    fused: int | None = None
 
     def needs(self, ctx: RuleContext) -> Needs:
         return Needs()
@@ -143,6 +158,258 @@ class Route(Rule):
         return [grads[i] if i in ctx.reaching else None for i in range(ctx.num_inputs)]
 
 
+Pass = Identity
+"""Zennit's name for the identity rule: relevance passes unchanged."""
+
+Norm = Proportional
+"""Zennit's name for proportional sharing (epsilon without weights, for sums and average pools)."""
+
+
+# -- rules that modify weights --------------------------------------------------------------------
+
+def _linear_with_adjoint(affine: Affine, x: torch.Tensor, weight: torch.Tensor):
+    """``affine.linear(x, weight)`` and the adjoint ``s -> weight^T s`` of that linear map."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        out = affine.linear(leaf, weight.detach())
+
+    def adjoint(s: torch.Tensor) -> torch.Tensor:
+        return torch.autograd.grad(out, leaf, s, retain_graph=True)[0]
+
+    return out.detach(), adjoint
+
+
+def _bias(ctx: RuleContext, affine: Affine, x: torch.Tensor | None, zero_bias: bool) -> torch.Tensor | float:
+    """The bias of ``z = W x + b`` (0 when there is none or ``zero_bias``); a bias autograd did not
+    keep is recovered as ``z - W x``, the bias spread over the output."""
+    if zero_bias:
+        return 0.0
+    if not affine.bias_known:
+        return ctx.output - affine.linear(x, affine.weight.detach())
+    return 0.0 if affine.bias is None else affine.bias.detach()
+
+
+def _bias_needs_values(ctx: RuleContext, zero_bias: bool) -> bool:
+    return not zero_bias and not ctx.affine().bias_known
+
+
+def _only(ctx: RuleContext, slot: int, r: torch.Tensor) -> list[torch.Tensor | None]:
+    out: list[torch.Tensor | None] = [None] * ctx.num_inputs
+    out[slot] = r
+    return out
+
+
+def _split(affine: Affine, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor):
+    """``W_a x+ + W_b x-`` and the adjoints that give back ``x+ * W_a^T s + x- * W_b^T s``.
+
+    The negative half is skipped when ``x`` has no negative entry (after a ReLU): it is 0."""
+    xp = x.clamp(min=0)
+    zp, adj_p = _linear_with_adjoint(affine, xp, wa)
+    if not (x < 0).any():
+        return zp, lambda s: xp * adj_p(s)
+    xn = x.clamp(max=0)
+    zn, adj_n = _linear_with_adjoint(affine, xn, wb)
+    return zp + zn, lambda s: xp * adj_p(s) + xn * adj_n(s)
+
+
+class Gamma(Rule):
+    """LRP-gamma, generalized to inputs and weights of either sign (Montavon et al. 2019,
+    "Layer-wise relevance propagation: an overview", Eq. 7; Andeol et al. 2021; Zennit ``Gamma``).
+
+    With ``W^up = W + gamma W+`` and ``W^dn = W + gamma W-``, neurons with ``z_j > 0`` share by
+    ``z^up = W^up x+ + W^dn x- + (b + gamma b+)`` and neurons with ``z_j < 0`` by
+    ``z^dn = W^dn x+ + W^up x- + (b + gamma b-)``::
+
+        R_i = x+_i sum_j W^up_ji s_j + x-_i sum_j W^dn_ji s_j     s_j = [z_j > 0] R_j / stab(z^up_j)
+            + x+_i sum_j W^dn_ji t_j + x-_i sum_j W^up_ji t_j     t_j = [z_j < 0] R_j / stab(z^dn_j)
+
+    For ``x >= 0`` and ``z > 0`` this is the textbook rule
+    ``R_i = sum_j x_i (w_ij + gamma w_ij+) R_j / sum_i' x_i' (w_i'j + gamma w_i'j+)``; ``gamma = 0``
+    gives LRP-0 and large ``gamma`` approaches z+. Conservation up to the bias share.
+    """
+
+    def __init__(self, gamma: float = 0.25, eps: float = 1e-6, zero_bias: bool = False) -> None:
+        self.gamma = float(gamma)
+        self.eps = float(eps)
+        self.zero_bias = bool(zero_bias)
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        return Needs(inputs=(ctx.data_slot,), output=True)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        slot, affine = ctx.data_slot, ctx.affine()
+        x, z = ctx.input(slot), ctx.output
+        w = affine.weight.detach()
+        w_up, w_dn = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
+        b = _bias(ctx, affine, x, self.zero_bias)
+        b = torch.as_tensor(b, dtype=z.dtype, device=z.device)
+        z_up, back_up = _split(affine, x, w_up, w_dn)
+        z_dn, back_dn = _split(affine, x, w_dn, w_up)
+        s = ctx.relevance * (z > 0) / stabilize(z_up + b + self.gamma * b.clamp(min=0), self.eps)
+        t = ctx.relevance * (z < 0) / stabilize(z_dn + b + self.gamma * b.clamp(max=0), self.eps)
+        return _only(ctx, slot, back_up(s) + back_dn(t))
+
+
+class AlphaBeta(Rule):
+    """LRP-alpha-beta (Bach et al. 2015, "On pixel-wise explanations ...", Eq. 60; Zennit
+    ``AlphaBeta``), generalized to inputs of either sign.
+
+    Positive contributions ``z^+ = W+ x+ + W- x- + b+`` and negative ones
+    ``z^- = W- x+ + W+ x- + b-`` are normalised separately::
+
+        R_i = alpha (x+_i sum_j W+_ji s_j + x-_i sum_j W-_ji s_j)     s_j = R_j / stab(z^+_j)
+            - beta  (x+_i sum_j W-_ji t_j + x-_i sum_j W+_ji t_j)     t_j = R_j / stab(z^-_j)
+
+    ``alpha - beta = 1`` (both non-negative) keeps the total: ``alpha - beta`` of the relevance
+    (up to the bias share) reaches the inputs.
+    """
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, eps: float = 1e-6,
+                 zero_bias: bool = False) -> None:
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"alpha and beta must be non-negative, got alpha={alpha}, beta={beta}")
+        if abs((alpha - beta) - 1.0) > 1e-9:
+            raise ValueError(f"alpha - beta must equal 1, got alpha={alpha}, beta={beta}")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.eps = float(eps)
+        self.zero_bias = bool(zero_bias)
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        return Needs(inputs=(ctx.data_slot,), output=_bias_needs_values(ctx, self.zero_bias))
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        slot, affine = ctx.data_slot, ctx.affine()
+        x = ctx.input(slot)
+        w = affine.weight.detach()
+        w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+        b = torch.as_tensor(_bias(ctx, affine, x, self.zero_bias), dtype=x.dtype, device=x.device)
+        z_pos, back_pos = _split(affine, x, w_pos, w_neg)
+        r = self.alpha * back_pos(ctx.relevance / stabilize(z_pos + b.clamp(min=0), self.eps))
+        if self.beta != 0:
+            z_neg, back_neg = _split(affine, x, w_neg, w_pos)
+            r = r - self.beta * back_neg(ctx.relevance / stabilize(z_neg + b.clamp(max=0), self.eps))
+        return _only(ctx, slot, r)
+
+
+class ZPlus(AlphaBeta):
+    """LRP-z+ (Montavon et al. 2017, "Explaining nonlinear classification decisions with deep
+    Taylor decomposition", Eq. 12; Zennit ``ZPlus``): :class:`AlphaBeta` with ``alpha = 1``,
+    ``beta = 0``, so for inputs of either sign::
+
+        R_i = x+_i sum_j W+_ji s_j + x-_i sum_j W-_ji s_j,    s_j = R_j / stab(W+ x+ + W- x- + b+)_j
+
+    For ``x >= 0``: ``R_i = sum_j x_i w_ij+ R_j / sum_i' x_i' w_i'j+`` (positive part only).
+    """
+
+    def __init__(self, eps: float = 1e-6, zero_bias: bool = False) -> None:
+        super().__init__(1.0, 0.0, eps, zero_bias)
+
+
+def _bound(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(value, dtype=like.dtype, device=like.device).expand_as(like)
+
+
+class ZBox(Rule):
+    """LRP-z^B for a bounded input domain ``low <= x <= high`` (Montavon et al. 2017, "Explaining
+    nonlinear classification decisions with deep Taylor decomposition", Eq. 17; Zennit ``ZBox``),
+    the rule for the input layer of image models::
+
+        R_i = x_i sum_j W_ji s_j - l_i sum_j W+_ji s_j - h_i sum_j W-_ji s_j,
+        s_j = R_j / stab(W x - W+ l - W- h)_j
+
+    ``low`` and ``high`` are scalars or tensors that broadcast to the input (per channel:
+    shape ``(1, C, 1, 1)``). The bias cancels from the denominator. Conservation is exact
+    (up to ``eps``).
+    """
+
+    def __init__(self, low: float | torch.Tensor = -3.0, high: float | torch.Tensor = 3.0,
+                 eps: float = 1e-6) -> None:
+        self.low = low
+        self.high = high
+        self.eps = float(eps)
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        return Needs(inputs=(ctx.data_slot,))
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        slot, affine = ctx.data_slot, ctx.affine()
+        x = ctx.input(slot)
+        low, high = _bound(self.low, x), _bound(self.high, x)
+        w = affine.weight.detach()
+        zx, back_x = _linear_with_adjoint(affine, x, w)
+        zl, back_l = _linear_with_adjoint(affine, low, w.clamp(min=0))
+        zh, back_h = _linear_with_adjoint(affine, high, w.clamp(max=0))
+        s = ctx.relevance / stabilize(zx - zl - zh, self.eps)
+        return _only(ctx, slot, x * back_x(s) - low * back_l(s) - high * back_h(s))
+
+
+class WSquare(Rule):
+    """LRP-w^2 (Montavon et al. 2017, "Explaining nonlinear classification decisions with deep
+    Taylor decomposition", Eq. 11; Zennit ``WSquare``): relevance by squared weights,
+    independent of the input values (for unbounded inputs)::
+
+        R_i = sum_j W_ji^2 R_j / stab(sum_i' W_i'j^2 + b_j^2)
+
+    As in Zennit the squared bias takes its share unless ``zero_bias``.
+    """
+
+    def __init__(self, eps: float = 1e-6, zero_bias: bool = False) -> None:
+        self.eps = float(eps)
+        self.zero_bias = bool(zero_bias)
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        if _bias_needs_values(ctx, self.zero_bias):
+            return Needs(inputs=(ctx.data_slot,), output=True)
+        return Needs()
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        slot, affine = ctx.data_slot, ctx.affine()
+        x = ctx.input(slot) if _bias_needs_values(ctx, self.zero_bias) else None
+        ones = torch.ones(ctx.input_shape(slot), dtype=ctx.relevance.dtype, device=ctx.relevance.device)
+        z, back = _linear_with_adjoint(affine, ones, affine.weight.detach() ** 2)
+        b = _bias(ctx, affine, x, self.zero_bias)
+        return _only(ctx, slot, back(ctx.relevance / stabilize(z + b ** 2, self.eps)))
+
+
+class Flat(Rule):
+    """LRP-flat (Lapuschkin et al. 2019, "Unmasking Clever Hans predictors ...", methods; Zennit
+    ``Flat``): every input a neuron is connected to gets an equal share, whatever its value
+    or weight (w^2 with all weights 1 and no bias)::
+
+        R_i = sum_j [i -> j] R_j / stab(#{i' -> j})
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = float(eps)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        slot, affine = ctx.data_slot, ctx.affine()
+        ones = torch.ones(ctx.input_shape(slot), dtype=ctx.relevance.dtype, device=ctx.relevance.device)
+        z, back = _linear_with_adjoint(affine, ones, torch.ones_like(affine.weight))
+        return _only(ctx, slot, back(ctx.relevance / stabilize(z, self.eps)))
+
+
+class Folded(Rule):
+    """Graph-level canonization: ``rule`` applied to this op and the eval batch norm after it
+    as one affine map (what Zennit's ``MergeBatchNorm`` canonizers do by editing the model).
+
+    The rule sees the merged weight ``W * s`` and bias ``s * b + shift`` through
+    ``ctx.affine()``, the batch norm's output as ``ctx.output`` and the merged adjoint as
+    ``ctx.vjp``; the batch norm itself passes relevance unchanged. Rule sets insert it.
+    """
+
+    def __init__(self, rule: Rule, fused: int) -> None:
+        self.rule = rule
+        self.fused = fused
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        return self.rule.needs(ctx)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        return self.rule(ctx)
+
+
 DEFAULT_RULES: dict[str, Rule] = {
     "linear": Epsilon(1e-6),
     "sum": Proportional(),
@@ -156,3 +423,231 @@ def default_rule(kind: str) -> Rule | None:
     return DEFAULT_RULES.get(kind)
 
 
+
+
+# == Transformers: AttnLRP and CP-LRP ============================================================
+# Rules for the op kinds "softmax", "attention" and "norm" (dynlrp.ops.attention,
+# dynlrp.ops.normalization) and for products of activations. References: AttnLRP = Achtibat et
+# al. 2024, "AttnLRP: Attention-aware layer-wise relevance propagation for transformers" (ICML);
+# CP-LRP = Ali et al. 2022, "XAI for transformers: better explanations through conservative
+# propagation" (ICML); "paper" = the DynamicLRP paper (Eqs. 6 and 7 restate AttnLRP's rules).
+
+
+def _only_slots(ctx: RuleContext, values: dict[int, torch.Tensor]) -> list[torch.Tensor | None]:
+    out: list[torch.Tensor | None] = [None] * ctx.num_inputs
+    for slot, r in values.items():
+        out[slot] = r
+    return out
+
+
+class SoftmaxDT(Rule):
+    """AttnLRP's softmax rule, a Deep Taylor decomposition with a bias term (AttnLRP Prop. 3.1;
+    paper Eq. 7). For ``s = softmax(x)`` along its dimension::
+
+        R_x = x * (R - s * sum(R))
+
+    computed as ``x * J^T (R / s)`` with the node's own backward. Positions where ``s = 0``
+    (masked out) get no relevance. Conserves up to the bias term: the relevances sum to
+    ``sum(x * R) - sum(x * s) * sum(R)``, and a constant added to ``x`` along the dimension
+    changes single relevances but not their sum.
+    """
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        return Needs(inputs=ctx.reaching, output=True)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        if not ctx.reaching:
+            return [None] * ctx.num_inputs
+        s = ctx.output
+        live = s != 0
+        safe = torch.where(live, s, torch.ones_like(s))
+        ratio = torch.where(live, ctx.relevance / safe, torch.zeros_like(s))
+        grad = ctx.vjp(ratio)[0]
+        return _only_slots(ctx, {0: torch.where(live, ctx.input(0) * grad, torch.zeros_like(grad))})
+
+
+class StopRelevance(Rule):
+    """No relevance passes this op: its inputs are treated as constants.
+
+    CP-LRP's rule for the softmax of attention (Ali et al. 2022, Sec. 3): the attention
+    probabilities are constants, so relevance flows through the values only (the paper's ViT
+    setting "routing relevance only through the final matrix multiplication ... and skipping
+    the softmax").
+    """
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        return [None] * ctx.num_inputs
+
+
+class UniformProduct(Rule):
+    """AttnLRP's uniform rule for elementwise products of activations (AttnLRP Prop. 3.2, the
+    uniform rule): for ``z = a * b * ...`` with ``n`` factors that lead to a requested input::
+
+        R_i = R / n
+
+    summed back to factor ``i``'s shape where it was broadcast. A factor that is a constant
+    (not in the graph) takes nothing: one activation times constants gets the identity rule.
+
+    A factor that is a *gate* of another -- computed from the other's own input by a short
+    chain of pointwise ops and reductions that passes no weighted map
+    (:func:`dynlrp.ops.math.gate_factors`) -- is a constant too, and the rest get all of ``R``:
+
+    * ``x * rsqrt(mean(x ** 2) + eps)`` (RMSNorm) and ``(x - m) / sqrt(v + eps)`` (a layer norm
+      written out): the normalising denominator is a constant, AttnLRP's identity rule for
+      normalisation layers (LxT: ``stop_gradient`` on the denominator);
+    * ``x * sigmoid(x)``, ``0.5 * x * (1 + tanh(...))`` (SiLU, GPT-2's GELU written out): the
+      activation function as a whole gets AttnLRP's identity rule.
+
+    ``silu(W1 x) * (W2 x)`` (SwiGLU) and ``q * cos`` are products of two activations: uniform.
+    With ``activation_gates=True`` a factor that is the output of a nonlinearity is also a gate
+    of one that is not: relevance then skips the gate of a gated MLP (LxT's ``cp_LRP``).
+    """
+
+    def __init__(self, activation_gates: bool = False) -> None:
+        self.activation_gates = bool(activation_gates)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        from .ops.math import gate_factors
+
+        reaching = ctx.reaching
+        gates = gate_factors(ctx.node, reaching, self.activation_gates) if len(reaching) > 1 else set()
+        carriers = [i for i in reaching if i not in gates]
+        n = len(carriers)
+        return _only_slots(ctx, {i: sum_to(ctx.relevance, ctx.input_shape(i)) / n for i in carriers})
+
+
+class ValuePathEpsilon(Rule):
+    """Epsilon-LRP in which attention probabilities are constants (CP-LRP, Ali et al. 2022; the
+    paper's ViT setting): for ``z = P v`` with ``P`` the output of a softmax (past views,
+    copies and expansions, :func:`dynlrp.ops.math.softmax_factors`)::
+
+        R_v = v * J_v^T (R / (z + eps * sign(z)))        R_P = 0
+
+    Every other product is plain :class:`Epsilon`, ``R_i = (1/n) v_i J_i^T (R / stab(z))``.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = float(eps)
+
+    def _kept(self, ctx: RuleContext) -> tuple[int, ...]:
+        from .ops.math import softmax_factors
+
+        if len(ctx.reaching) < 2:
+            return ctx.reaching
+        probs = softmax_factors(ctx.node, ctx.reaching)
+        return tuple(i for i in ctx.reaching if i not in probs)
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        return Needs(inputs=self._kept(ctx), output=True)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        kept = self._kept(ctx)
+        if not kept:
+            return [None] * ctx.num_inputs
+        grads = ctx.vjp(ctx.relevance / stabilize(ctx.output, self.eps))
+        return _only_slots(ctx, {i: ctx.input(i) * grads[i] / len(kept) for i in kept})
+
+
+class ConstantDenominator(Rule):
+    """AttnLRP's treatment of normalisation layers: the normalising denominator is a constant,
+    so ``y = (x - mean(x)) * rstd * w + b`` is an affine map of ``x`` and epsilon-LRP applies
+    (AttnLRP Sec. 3.3; LxT ``layer_norm_forward`` with ``stop_gradient`` on the std)::
+
+        R_x = x * J_c^T (R / (y + eps * sign(y)))
+
+    ``J_c`` is the Jacobian with ``rstd`` held at its saved value: the op entry's ``affine``
+    view (layer norm, group norm, batch norm at inference), else its forward closure, which
+    replays with the saved statistics (batch norm in training mode, i.e. instance norm, holds
+    the mean constant too). Conservation up to the bias and the mean's share.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = float(eps)
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        return Needs(inputs=ctx.graph_inputs if 0 in ctx.reaching else (), output=0 in ctx.reaching)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        from .ops import MissingOperand
+
+        if 0 not in ctx.reaching:
+            return [None] * ctx.num_inputs
+        x = ctx.input(0)
+        s = ctx.relevance / stabilize(ctx.output, self.eps)
+        affine = ctx.entry.affine(ctx.node, 0) if ctx.entry.affine is not None else None
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            try:
+                if affine is not None:
+                    y = affine.linear(leaf, affine.weight.detach())
+                else:
+                    xs = [ctx.input(i) if i in ctx.graph_inputs else None for i in range(ctx.num_inputs)]
+                    y = ctx.forward([leaf, *xs[1:]])
+            except MissingOperand:
+                y = None
+            if y is not None and y.requires_grad:
+                grad = torch.autograd.grad(y, leaf, s)[0]
+            else:  # no replay: the node's own backward (statistics not held constant)
+                grad = ctx.vjp(s)[0]
+        return _only_slots(ctx, {0: x * grad})
+
+
+def _attention_shares(ctx: RuleContext) -> tuple[float, float, float]:
+    """Uniform shares of query, key, value: ``1/n`` at each of the two products of attention,
+    ``softmax(q k^T) v``, over the factors that lead to a requested input."""
+    q, k, v = (i in ctx.reaching for i in range(3))
+    n_qk = int(q) + int(k)
+    n_pv = int(q or k) + int(v)
+    if n_pv == 0:
+        return 0.0, 0.0, 0.0
+    qk = 1.0 / (n_pv * n_qk) if n_qk else 0.0
+    return (qk if q else 0.0), (qk if k else 0.0), (1.0 / n_pv if v else 0.0)
+
+
+class AttnLRPAttention(Rule):
+    """AttnLRP for a fused scaled-dot-product attention node,
+    ``o = softmax(q k^T * scale + mask) v``: epsilon-LRP with the uniform rule at both
+    products (AttnLRP Prop. 3.3; paper Eq. 6) and the softmax rule between them (Prop. 3.1;
+    paper Eq. 7). In closed form, with ``s = R / (o + eps * sign(o))`` and the node's own
+    backward ``J^T s`` (any backend, mask, causal mask or grouped-query layout)::
+
+        R_v = v * J_v^T s / 2        R_q = q * J_q^T s / 4        R_k = k * J_k^T s / 4
+
+    (the halves are ``1/n`` over the factors that lead to a requested input). The mask takes
+    its share like a bias; so does the softmax's bias term.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = float(eps)
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        return Needs(inputs=tuple(i for i in ctx.reaching if i < 3), output=True)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        shares = _attention_shares(ctx)
+        grads = ctx.vjp(ctx.relevance / stabilize(ctx.output, self.eps))
+        return _only_slots(ctx, {i: ctx.input(i) * grads[i] * shares[i] for i in range(3) if shares[i]})
+
+
+class CPAttention(Rule):
+    """CP-LRP for a fused scaled-dot-product attention node (Ali et al. 2022; the paper's ViT
+    setting): the attention probabilities are constants, so relevance reaches the values only::
+
+        R_v = v * J_v^T (R / (o + eps * sign(o)))        R_q = R_k = 0
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = float(eps)
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        return Needs(inputs=(2,) if 2 in ctx.reaching else (), output=2 in ctx.reaching)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        if 2 not in ctx.reaching:
+            return [None] * ctx.num_inputs
+        grads = ctx.vjp(ctx.relevance / stabilize(ctx.output, self.eps))
+        return _only_slots(ctx, {2: ctx.input(2) * grads[2]})
+
+
+DEFAULT_RULES.update({"softmax": SoftmaxDT(), "attention": AttnLRPAttention(), "norm": ConstantDenominator()})
+# == end of the transformers section ===============================================================

@@ -10,7 +10,7 @@ with two, AttnLRP's uniform rule splits relevance between them.
 
 from __future__ import annotations
 
-from ..saved import saved, saved_dim
+from ..saved import output_meta, saved, saved_dim
 from . import Value, register
 from .common import has_edge, operand, out_shape, taps_from
 
@@ -26,13 +26,30 @@ def _add_forward(node, xs):
     return a + _alpha(node) * b
 
 
+def _unbroadcast(node, index, tensor, mask):
+    """An operand recovered from the (broadcast) output, back in the operand's shape and dtype:
+    a broadcast operand repeats along the broadcast dims, so one slice holds it (known where
+    every copy is known)."""
+    child, k = node.next_functions[index]
+    if child is None:
+        return Value(tensor, mask)
+    shape, dtype, _ = output_meta(child, k)
+    while tensor.dim() > len(shape):
+        tensor, mask = tensor[0], None if mask is None else mask.all(0)
+    for d, size in enumerate(shape):
+        if size == 1 and tensor.shape[d] != 1:
+            tensor = tensor.narrow(d, 0, 1)
+            mask = None if mask is None else mask.all(d, keepdim=True)
+    return Value(tensor.to(dtype), mask)
+
+
 def _add_inverse(node, out, xs):
     alpha = _alpha(node)
     known = {}
     if xs[1] is not None:
-        known[0] = Value(out.tensor - alpha * xs[1], out.mask)
+        known[0] = _unbroadcast(node, 0, out.tensor - alpha * xs[1], out.mask)
     if xs[0] is not None and alpha != 0:
-        known[1] = Value((out.tensor - xs[0]) / alpha, out.mask)
+        known[1] = _unbroadcast(node, 1, (out.tensor - xs[0]) / alpha, out.mask)
     return known
 
 
@@ -46,9 +63,9 @@ def _sub_inverse(node, out, xs):
     alpha = _alpha(node)
     known = {}
     if xs[1] is not None:
-        known[0] = Value(out.tensor + alpha * xs[1], out.mask)
+        known[0] = _unbroadcast(node, 0, out.tensor + alpha * xs[1], out.mask)
     if xs[0] is not None and alpha != 0:
-        known[1] = Value((xs[0] - out.tensor) / alpha, out.mask)
+        known[1] = _unbroadcast(node, 1, (xs[0] - out.tensor) / alpha, out.mask)
     return known
 
 

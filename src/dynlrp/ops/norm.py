@@ -8,8 +8,8 @@ the batch statistics autograd saved are used (they mix examples; prefer ``model.
 from __future__ import annotations
 
 from ..saved import saved
-from . import register
-from .common import leaf_input, operand, taps_from
+from . import Affine, register
+from .common import has_edge, leaf_input, operand, out_shape, taps_from
 
 
 def _stats(node, x):
@@ -27,7 +27,8 @@ def _batch_norm(node, x, bias_of):
     y = (x - mean) * invstd
     weight = saved(node, "weight")
     if weight is None:
-        return y
+        # No weight: a bias in the graph is added; a frozen one cannot be told from none.
+        return y if not has_edge(node, 2) else y + bias_of().reshape(shape)
     return y * weight.reshape(shape) + bias_of().reshape(shape)
 
 
@@ -57,5 +58,25 @@ def _bn_own(node):
         return None
 
 
+def _bn_affine(node, slot):
+    """At inference batch norm is ``x * s + shift`` per channel: ``s = weight / sqrt(var + eps)``,
+    ``shift = bias - mean * s``. In training mode it mixes the examples of a batch: no view."""
+    if slot != 0 or saved(node, "training"):
+        return None
+    shape = [1, -1] + [1] * (len(out_shape(node)) - 2)
+    mean, weight = saved(node, "running_mean"), saved(node, "weight")
+    scale = (saved(node, "running_var") + saved(node, "eps")).rsqrt()
+    params = (mean,) if weight is None else (weight, mean)
+    if weight is not None:
+        scale = scale * weight
+    shift, known = -mean * scale, True
+    if weight is not None:
+        b = leaf_input(node, 2)
+        shift, known = (None, False) if b is None else (b + shift, True)
+    return Affine(scale, lambda x, v: x * v.reshape(shape), None if shift is None else shift.reshape(shape),
+                  known, lambda w, s: w * s, True, params)
+
+
 register(("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"),
-         "linear", "bias", forward=_bn_forward, own=_bn_own, taps=taps_from((0, "input")))
+         "linear", "bias", forward=_bn_forward, own=_bn_own, taps=taps_from((0, "input")),
+         group="batchnorm", affine=_bn_affine)

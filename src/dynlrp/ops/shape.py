@@ -62,20 +62,27 @@ _route(("ExpandBackward0", "ExpandAsBackward0"), lambda n, xs: xs[0].expand(out_
 
 
 def _slice(node, x):
+    # start and end are saved as unsigned 64-bit integers: read them like dims (signed).
     dim = saved_dim(node)
-    index = [slice(None)] * (dim % x.dim()) + [slice(saved(node, "start"), saved(node, "end"),
+    index = [slice(None)] * (dim % x.dim()) + [slice(saved_dim(node, "start"), saved_dim(node, "end"),
                                                      saved(node, "step"))]
     return x[tuple(index)]
 
 
+def _index(node, x):
+    # autograd saves ``None`` for the dims that are not indexed (``x[:, idx]``): a full slice,
+    # not a new axis.
+    return x[tuple(slice(None) if i is None else i for i in saved(node, "indices"))]
+
+
 _route("SliceBackward0", lambda n, xs: _slice(n, xs[0]))
 _route("SelectBackward0", lambda n, xs: xs[0].select(saved_dim(n), saved_dim(n, "index")))
-_route("IndexBackward0", lambda n, xs: xs[0][tuple(saved(n, "indices"))])
+_route("IndexBackward0", lambda n, xs: _index(n, xs[0]))
 _route("IndexSelectBackward0", lambda n, xs: xs[0].index_select(saved_dim(n), saved(n, "index")))
 _route("GatherBackward0", lambda n, xs: xs[0].gather(saved_dim(n), saved(n, "index")))
 _route("RepeatBackward0", lambda n, xs: xs[0].repeat(saved(n, "repeats")))
 _route("FlipBackward0", lambda n, xs: xs[0].flip(saved_dim(n, "dims")))
-_route("RollBackward0", lambda n, xs: xs[0].roll(saved(n, "shifts"), saved_dim(n, "dims")))
+_route("RollBackward0", lambda n, xs: xs[0].roll(saved_dim(n, "shifts"), saved_dim(n, "dims")))
 
 
 def _all(node, xs, what):

@@ -1,0 +1,246 @@
+"""The public API contract of ``dynlrp.lrp`` / ``dynlrp.LRP`` / ``dynlrp.coverage``: shapes
+and order of the result, seeds, latent relevance, statistics, no mutation, typed errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dynlrp
+from models import (
+    CNN,
+    ConvBNBlock,
+    Unregistered,
+    assert_unchanged,
+    freeze,
+    linear_lrp,
+    randomize_affine,
+    state_snapshot,
+)
+
+LRP0 = {"linear": dynlrp.rules.Epsilon(0.0)}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """``assert_close`` in float32 precision, with tolerances scaled to the largest value.
+
+    Parameters
+    ----------
+    actual, expected
+        Tensors of the same shape.
+    """
+    scale = float(expected.abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+
+
+def two_layers() -> tuple[nn.Linear, nn.Linear]:
+    """Two frozen bias-free linear layers, 4 -> 5 -> 3."""
+    return (nn.Linear(4, 5, bias=False).requires_grad_(False),
+            nn.Linear(5, 3, bias=False).requires_grad_(False))
+
+
+# --- the result ----------------------------------------------------------------------------------
+
+
+def test_returns_a_tuple_shaped_like_inputs_in_order():
+    l1, l2 = two_layers()
+    x = torch.randn(2, 4, requires_grad=True)
+    h = torch.relu(l1(x))
+    y = l2(h)
+    single = dynlrp.lrp(y, x)
+    assert isinstance(single, tuple) and len(single) == 1
+    assert single[0].shape == x.shape and single[0].dtype == x.dtype
+    r_h, r_x = dynlrp.lrp(y, [h, x])
+    assert r_h.shape == h.shape and r_x.shape == x.shape
+    r_x2, r_h2 = dynlrp.lrp(y, (x, h))
+    assert torch.equal(r_x2, r_x) and torch.equal(r_h2, r_h)
+
+
+def test_default_seed_is_the_output_value():
+    l1, l2 = two_layers()
+    x = torch.randn(2, 4, requires_grad=True)
+    y = l2(torch.relu(l1(x)))
+    default, = dynlrp.lrp(y, x)
+    explicit, = dynlrp.lrp(y, x, y.detach().clone())
+    assert torch.equal(default, explicit)
+
+
+def test_multiple_outputs_and_inputs():
+    l1, l2 = two_layers()
+    head = nn.Linear(5, 2, bias=False).requires_grad_(False)
+    x1 = torch.randn(2, 4, requires_grad=True)
+    x2 = torch.randn(2, 5, requires_grad=True)
+    h = l1(x1) + x2
+    y1, y2 = l2(h), head(h)
+    s1, s2 = torch.randn(2, 3), torch.randn(2, 2)
+    r1, r2 = dynlrp.lrp([y1, y2], [x1, x2], [s1, s2], rules=LRP0)
+    # By hand: both heads send relevance to h, the add shares it, LRP-0 through l1.
+    hd, a = h.detach(), (x1 @ l1.weight.T).detach()
+    r_h = linear_lrp(hd, l2.weight, None, s1) + linear_lrp(hd, head.weight, None, s2)
+    assert_close(r1, linear_lrp(x1, l1.weight, None, a * r_h / hd))
+    assert_close(r2, x2.detach() * r_h / hd)
+    # Relevance from several outputs adds up.
+    a1, a2 = dynlrp.lrp(y1, [x1, x2], s1, rules=LRP0)
+    b1, b2 = dynlrp.lrp(y2, [x1, x2], s2, rules=LRP0)
+    assert_close(r1, a1 + b1)
+    assert_close(r2, a2 + b2)
+
+
+def test_latent_relevance_at_intermediate_tensors():
+    l1, l2 = two_layers()
+    x = torch.randn(3, 4, requires_grad=True)
+    h = torch.relu(l1(x))
+    y = l2(h)
+    seed = torch.randn(3, 3)
+    r_h, r_x = dynlrp.lrp(y, [h, x], seed, rules=LRP0)
+    expected_h = linear_lrp(h, l2.weight, None, seed)
+    assert_close(r_h, expected_h)
+    assert_close(r_x, linear_lrp(x, l1.weight, None, expected_h))  # the ReLU passes relevance
+    alone, = dynlrp.lrp(y, h, seed, rules=LRP0)
+    assert_close(alone, r_h)
+
+
+def test_engine_stats_keys():
+    l1, l2 = two_layers()
+    x = torch.randn(2, 4, requires_grad=True)
+    y = l2(torch.relu(l1(x)))
+    engine = dynlrp.LRP()
+    engine(y, x)
+    for key in ("nodes", "promises", "pre_promises", "promise_internal_nodes", "mean_promise_path",
+                "promise_density"):
+        assert key in engine.stats, key
+    assert engine.stats["nodes"] >= 4
+    assert engine.stats["promises"] >= 1  # the frozen l2 keeps no input
+    assert 0 < engine.stats["promise_density"] <= 1
+
+
+def test_repeated_calls_are_linear_in_the_seed():
+    model = freeze(CNN(bias=True))
+    randomize_affine(model)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = model(x)
+    s1, s2 = torch.randn(2, 5), torch.randn(2, 5)
+    engine = dynlrp.LRP("epsilon")
+    r1, = engine(y, x, s1)
+    r2, = engine(y, x, s2)
+    r12, = engine(y, x, s1 + 2 * s2)
+    assert_close(r12, r1 + 2 * r2)
+    fresh, = dynlrp.LRP("epsilon")(y, x, s1)
+    assert_close(r1, fresh)
+    again, = engine(y, x, s1)
+    assert torch.equal(again, r1)
+
+
+# --- coverage ------------------------------------------------------------------------------------
+
+
+def test_coverage_names_unregistered_ops():
+    x = torch.randn(3, requires_grad=True)
+    y = Unregistered.apply(x * 3).sum()
+    report = dynlrp.coverage(y)
+    assert report.total_nodes == 3  # mul, the custom op, sum (the leaf is not counted)
+    assert report.covered_nodes == 2
+    assert report.uncovered == {"UnregisteredBackward": 1}
+    assert "UnregisteredBackward" in str(report)
+
+
+def test_coverage_of_a_covered_model():
+    model = freeze(CNN())
+    report = dynlrp.coverage(model(torch.randn(1, 3, 8, 8, requires_grad=True)))
+    assert report.uncovered == {}
+    assert report.covered_nodes == report.total_nodes > 0
+
+
+# --- no mutation ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+def test_nothing_is_mutated(trainable):
+    model = randomize_affine(ConvBNBlock(3)).eval().requires_grad_(trainable)
+    before = state_snapshot(model)
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    x_before = x.detach().clone()
+    with dynlrp.record() as tape:
+        y = model(x)
+    seed = y.detach().clone()
+    seed_before = seed.clone()
+    dynlrp.lrp(y, x, seed)
+    dynlrp.lrp(y, x, seed, tape=tape)
+    assert_unchanged(model, before)
+    assert torch.equal(x.detach(), x_before) and x.requires_grad and x.grad is None
+    assert torch.equal(seed, seed_before)
+    assert not model.training
+
+
+def test_backward_still_works_after_lrp():
+    model = randomize_affine(CNN(bias=True)).eval()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = model(x)
+    dynlrp.lrp(y, x)
+    dynlrp.lrp(y, [x, model[0].weight])
+    y.sum().backward()
+    grad = x.grad.clone()
+    weight_grad = model[0].weight.grad.clone()
+    x.grad = None
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(grad, x.grad)
+    torch.testing.assert_close(weight_grad, model[0].weight.grad)
+
+
+# --- typed errors ------------------------------------------------------------------------------
+
+
+def test_error_output_without_grad_fn():
+    x = torch.randn(3, requires_grad=True)
+    with torch.no_grad():
+        y = x * 2
+    with pytest.raises(dynlrp.GraphError, match="grad_fn"):
+        dynlrp.lrp(y, x)
+    with pytest.raises(dynlrp.GraphError):
+        dynlrp.lrp(x, x)  # a leaf has no graph to explain
+
+
+def test_error_input_not_in_graph():
+    x = torch.randn(3, requires_grad=True)
+    other = torch.randn(3, requires_grad=True)
+    y = x * 2
+    with pytest.raises(dynlrp.GraphError):
+        dynlrp.lrp(y, other)
+    with pytest.raises(dynlrp.GraphError):
+        dynlrp.lrp(y, other * 3)  # an intermediate of another graph
+    with pytest.raises(dynlrp.GraphError, match="requires_grad"):
+        dynlrp.lrp(y, torch.randn(3))
+
+
+def test_error_seed_with_wrong_shape_or_count():
+    x = torch.randn(2, 3, requires_grad=True)
+    y = x * 2
+    with pytest.raises(dynlrp.GraphError, match="shape"):
+        dynlrp.lrp(y, x, torch.ones(3))
+    with pytest.raises(dynlrp.GraphError):
+        dynlrp.lrp(y, x, [torch.ones(2, 3), torch.ones(2, 3)])
+    with pytest.raises(dynlrp.GraphError):
+        dynlrp.lrp([], x)
+
+
+def test_error_graph_freed_by_backward():
+    model = freeze(CNN())
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = model(x)
+    y.sum().backward()
+    with pytest.raises(dynlrp.GraphFreedError, match="retain_graph"):
+        dynlrp.lrp(y, x)
+    assert issubclass(dynlrp.GraphFreedError, dynlrp.GraphError)
+    assert issubclass(dynlrp.GraphError, dynlrp.LRPError)
+
+
+def test_retain_graph_keeps_lrp_working():
+    model = freeze(CNN())
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = model(x)
+    before, = dynlrp.lrp(y, x)
+    y.sum().backward(retain_graph=True)
+    after, = dynlrp.lrp(y, x)
+    assert torch.equal(before, after)
