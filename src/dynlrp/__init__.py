@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import ops, presets, rules
+from . import ops, presets, rules, targets
 from .coverage import CoverageReport, coverage
 from .engine import LRP
 from .errors import (
@@ -22,6 +22,7 @@ from .errors import (
     UnknownOpError,
     UnrecoverableValueError,
 )
+from .explain import Explanation, explain, explain_batches
 from .record import Tape, record
 
 __version__ = "0.1.0"
@@ -61,7 +62,8 @@ def lrp(
 
 
 __all__ = [
-    "lrp", "LRP", "record", "Tape", "coverage", "CoverageReport", "rules", "presets", "ops",
+    "lrp", "LRP", "record", "Tape", "coverage", "CoverageReport", "rules", "presets", "ops", "targets",
     "LRPError", "GraphError", "GraphFreedError", "UnknownOpError", "UnrecoverableValueError",
     "NonFiniteRelevanceError",
+    "explain", "explain_batches", "Explanation",
 ]
