@@ -183,14 +183,31 @@ def test_under_no_grad(net):
     assert e.relevance.abs().sum() > 0
 
 
-def test_frozen_downsample_falls_back_to_record():
+def test_frozen_downsample_promise_reads_biases_from_the_model():
     model = DownsampleBlock().eval().requires_grad_(False)
     x = torch.randn(2, 2, 5, 5)
-    with pytest.raises(dynlrp.UnrecoverableValueError):
-        explain(model, x, mode="promise")
     auto = explain(model, x)
     rec = explain(model, x, mode="record")
-    assert auto.mode == rec.mode == "record"
+    assert auto.mode == "promise" and rec.mode == "record"
+    assert torch.allclose(auto.relevance, rec.relevance, atol=1e-5)
+
+
+def test_auto_falls_back_to_record_where_promise_mode_cannot_rebuild():
+    class ConstantShift(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+            self.register_buffer("shift", torch.randn(4))
+
+        def forward(self, x):
+            return self.b(self.a(x) + self.shift)  # a constant tensor: autograd keeps no copy
+
+    model = ConstantShift().eval().requires_grad_(False)
+    x = torch.randn(2, 4)
+    with pytest.raises(dynlrp.UnrecoverableValueError):
+        explain(model, x, mode="promise")
+    auto, rec = explain(model, x), explain(model, x, mode="record")
+    assert auto.mode == "record"
     assert torch.allclose(auto.relevance, rec.relevance)
     # with trainable parameters the biases are in the graph: promise mode works, same answer
     model.requires_grad_(True)

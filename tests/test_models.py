@@ -55,7 +55,7 @@ def set_trainable(model: nn.Module, trainable: bool) -> nn.Module:
     return model.eval().requires_grad_(trainable)
 
 
-def explain_both(model: nn.Module, x: torch.Tensor, targets: list[int], rules=None) -> tuple:
+def explain_both(model: nn.Module, x: torch.Tensor, targets: list[int], rules=None, pass_model=False) -> tuple:
     """One forward pass under ``dynlrp.record()``; relevance of one logit per row in recorded
     mode and in promise mode (``None`` if promise mode raised
     :class:`dynlrp.UnrecoverableValueError`, which is returned instead).
@@ -70,6 +70,8 @@ def explain_both(model: nn.Module, x: torch.Tensor, targets: list[int], rules=No
         One class per row.
     rules
         The ``rules=`` argument.
+    pass_model
+        Give promise mode the model (``model=``), so that it can read frozen biases.
 
     Returns
     -------
@@ -81,7 +83,7 @@ def explain_both(model: nn.Module, x: torch.Tensor, targets: list[int], rules=No
     seed = per_row_seed(y, targets)
     recorded, = dynlrp.lrp(y, x, seed, rules=rules, tape=tape)
     try:
-        promised, = dynlrp.lrp(y, x, seed, rules=rules)
+        promised, = dynlrp.lrp(y, x, seed, rules=rules, model=model if pass_model else None)
     except dynlrp.UnrecoverableValueError as exc:
         promised = exc
     return seed, recorded, promised
@@ -128,6 +130,9 @@ def test_downsample_block_with_frozen_batchnorms_needs_record():
         dynlrp.lrp(y, x)
     recorded, = dynlrp.lrp(y, x, tape=tape)
     assert torch.isfinite(recorded).all()
+    # given the model, promise mode reads the frozen biases from the batch-norm modules
+    promised, = dynlrp.lrp(y, x, model=block)
+    assert_close(promised, recorded)
     for name, p in block.named_parameters():
         p.requires_grad_(name.endswith("bias"))
     with dynlrp.record() as tape:
@@ -178,6 +183,16 @@ def test_resnet18_frozen_recorded_runs_and_promise_mode_says_record(resnet18):
     assert isinstance(promised, dynlrp.UnrecoverableValueError)
     assert "dynlrp.record()" in str(promised)
     assert "BatchNorm" in str(promised)
+
+
+@pytest.mark.slow
+def test_resnet18_frozen_promise_with_model_equals_recorded(resnet18):
+    """Fully frozen: the Promise System reads the biases autograd never saw from the model."""
+    resnet18.requires_grad_(False)
+    x = torch.randn(2, 3, 64, 64, requires_grad=True)
+    seed, recorded, promised = explain_both(resnet18, x, [5, 1], pass_model=True)
+    assert not isinstance(promised, Exception), promised
+    assert_close(promised, recorded, rel=1e-4)
 
 
 @pytest.mark.slow

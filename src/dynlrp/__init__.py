@@ -35,6 +35,7 @@ def lrp(
     *,
     rules: Any = None,
     tape: Tape | None = None,
+    model: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Propagate relevance from ``outputs`` back to ``inputs``, like ``torch.autograd.grad``.
 
@@ -52,13 +53,17 @@ def lrp(
     tape
         A :func:`record` tape of the forward pass: use recorded forward values instead of
         the Promise System.
+    model
+        The model that ran the forward pass (optional). Autograd never sees the biases of
+        frozen layers; where the Promise System needs one, it reads it from the model's
+        module whose weight the graph saved. The model is only read.
 
     Returns
     -------
     tuple of torch.Tensor
         One relevance tensor per input, shaped like it, in the order given.
     """
-    return LRP(rules)(outputs, inputs, relevance, tape=tape)
+    return LRP(rules)(outputs, inputs, relevance, tape=tape, model=model)
 
 
 __all__ = [

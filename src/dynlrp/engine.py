@@ -28,7 +28,7 @@ from .plan import Plan, PlanMismatch, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
 from .saved import apply_node, num_outputs, output_meta
-from .values import Resolver
+from .values import Parameters, Resolver
 
 
 class RuleContext:
@@ -187,7 +187,11 @@ class LRP:
         relevance: torch.Tensor | Sequence[torch.Tensor] | None = None,
         *,
         tape: Tape | None = None,
+        model: torch.nn.Module | None = None,
     ) -> tuple[torch.Tensor, ...]:
+        if model is None:
+            model = getattr(self.rules, "model", None)  # a rule set bound to a model
+        params = Parameters(model) if model is not None else None
         outputs = _as_tuple(outputs, "outputs")
         inputs = _as_tuple(inputs, "inputs")
         seeds = self._seeds(outputs, relevance)
@@ -202,9 +206,9 @@ class LRP:
             if tape is not None:
                 resolver: Resolver = TapeResolver(graph, outputs, inputs, tape)
             elif plan is not None:
-                resolver = PlannedResolver(graph, outputs, inputs, plan)
+                resolver = PlannedResolver(graph, outputs, inputs, plan, params)
             else:
-                resolver = PromiseResolver(graph, outputs, inputs)
+                resolver = PromiseResolver(graph, outputs, inputs, params)
             return self._propagate(graph, entries, rules, seeds, resolver, check_each), resolver
 
         with torch.no_grad(), _deep_recursion(len(graph.nodes)):

@@ -7,10 +7,12 @@ never the caller's tensor), puts the model in eval mode, runs it, picks the expl
 Where the forward values come from (``mode=``):
 
 ``"auto"`` (default)
-    The Promise System first (no copies of activations are kept). If it meets a value the
-    graph cannot rebuild (:class:`~dynlrp.errors.UnrecoverableValueError`: a fully frozen
-    model whose needed values depend on frozen biases, e.g. a ResNet's downsample add), the
-    forward pass runs again inside :func:`dynlrp.record` and the tape serves the values.
+    The Promise System first (no copies of activations are kept), with the model passed to
+    the engine so that frozen biases autograd never saw are read from their modules. If it
+    still meets a value the graph cannot rebuild
+    (:class:`~dynlrp.errors.UnrecoverableValueError`, e.g. a constant added inside the
+    forward), the forward pass runs again inside :func:`dynlrp.record` and the tape serves
+    the values.
     ``Explanation.mode`` says which one answered.
 ``"promise"``
     The Promise System only; raises where it cannot recover a value.
@@ -422,7 +424,7 @@ def _run(model: nn.Module, p: _Prepared, target: Target, at: Mapping[str, Latent
     explained, seed, target_idx = _seed(y, target, p.batch, p.kwargs.get("attention_mask"))
     requested = [p.leaf, *[t for ts in latents.values() for t in ts]]
     try:
-        rels = engine(explained, requested, seed, tape=tape)
+        rels = engine(explained, requested, seed, tape=tape, model=model)
     except GraphError as exc:
         names = ["the input", *[f"at[{k!r}]" for k, ts in latents.items() for _ in ts]]
         raise GraphError(f"{exc} (inputs here: {', '.join(names)})") from exc

@@ -17,7 +17,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, tap_value
+from .values import Resolver, replay, tap_value
 
 
 class PlanMismatch(Exception):
@@ -38,8 +38,8 @@ class Plan:
 class PlannedResolver(Resolver):
     """Resolves forward values by following the recipes of a :class:`Plan`."""
 
-    def __init__(self, graph, outputs, inputs, plan: Plan):
-        super().__init__(graph, outputs, inputs)
+    def __init__(self, graph, outputs, inputs, plan: Plan, params=None):
+        super().__init__(graph, outputs, inputs, params)
         self.plan = plan
 
     def value(self, edge: Edge, requester: int) -> Value:
@@ -70,7 +70,7 @@ class PlannedResolver(Resolver):
             value = Value(tapped)
         elif kind == "replay":
             xs = [None if e is None else self._exact(e) for e in gn.inputs]
-            out = lookup(gn.name).forward(gn.fn, xs)
+            out = replay(lookup(gn.name), gn.fn, xs, self.params)
             outs = out if isinstance(out, (tuple, list)) else (out,)
             for j, o in enumerate(outs):
                 self.memo.setdefault((gn.index, j), Value(o.detach()))

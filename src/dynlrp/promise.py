@@ -36,7 +36,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, tap_value
+from .values import Resolver, replay, tap_value
 
 
 @dataclass(eq=False)
@@ -60,8 +60,8 @@ class Promise:
 class PromiseResolver(Resolver):
     """Resolves forward values from the graph's saved tensors, making promises as needed."""
 
-    def __init__(self, graph, outputs, inputs):
-        super().__init__(graph, outputs, inputs)
+    def __init__(self, graph, outputs, inputs, params=None):
+        super().__init__(graph, outputs, inputs, params)
         self.promises: list[Promise] = []
         self.pre_promises = 0
         self.aggregations = 0
@@ -203,7 +203,7 @@ class PromiseResolver(Resolver):
                 return None
             xs[s] = v.tensor
         try:
-            out = entry.forward(gn.fn, xs)
+            out = replay(entry, gn.fn, xs, self.params)
         except MissingOperand:
             return None
         outs = out if isinstance(out, (tuple, list)) else (out,)
@@ -255,9 +255,9 @@ class PromiseResolver(Resolver):
             f"the rule at {nodes[origin].name} needs the output of {nodes[i].name}"
             f"{'' if k == 0 else f' (output {k})'}, which the autograd graph cannot rebuild{reason}. "
             "This happens when a parameter that is not in the graph (for example the bias of a "
-            "frozen layer) is needed. Record the forward pass instead: "
-            "`with dynlrp.record() as tape: y = model(x)` then `dynlrp.lrp(y, x, tape=tape)`; "
-            "or keep the biases trainable (`requires_grad_(True)`) during the forward pass."
+            "frozen layer) is needed. Pass the model (`dynlrp.lrp(y, x, model=model)`) so that its "
+            "parameters can be read, or record the forward pass: "
+            "`with dynlrp.record() as tape: y = model(x)` then `dynlrp.lrp(y, x, tape=tape)`."
         )
 
     def stats(self) -> dict[str, float]:

@@ -23,6 +23,14 @@ rule's job (:mod:`dynlrp.rules`). Each entry declares:
 ``inverse(node, out, xs)``
     Optional: input values recovered exactly from the output and the other inputs, as
     ``{input index: Value}`` (a :class:`Value` may be known on a mask only).
+``group``
+    Optional: a finer family than ``kind`` that rule sets can address, like Zennit's layer
+    types: ``"conv"`` (convolutions), ``"dense"`` (fully connected layers), ``"batchnorm"``.
+``affine(node, slot)``
+    Optional: the op as an affine map of input ``slot`` with a weight, as an :class:`Affine`
+    (or ``None`` when it is not one, e.g. batch norm in training mode). Rules that modify
+    weights (gamma, z+, alpha-beta, z-box, flat, w-square) and graph-level canonization
+    (:func:`fold`) use it.
 
 Register with :func:`register`; the engine only ever calls :func:`lookup`.
 """
@@ -40,7 +48,17 @@ CONTRACTS = ("exact", "bias", "route", "none")
 
 
 class MissingOperand(Exception):
-    """A forward closure needs an operand autograd neither saved nor put in the graph."""
+    """A forward closure needs an operand autograd neither saved nor put in the graph.
+
+    ``slot`` is the operand's input index; ``owner`` a tensor of the same module (its
+    weight), by which a model's parameters can supply it (a frozen bias; see
+    :class:`dynlrp.values.Parameters`).
+    """
+
+    def __init__(self, message: str, slot: int | None = None, owner: torch.Tensor | None = None):
+        super().__init__(message)
+        self.slot = slot
+        self.owner = owner
 
 
 @dataclass(frozen=True)
@@ -64,6 +82,51 @@ def _no_taps(_: Any) -> dict[int, torch.Tensor]:
 
 
 @dataclass(frozen=True)
+class Affine:
+    """An op seen as an affine map of one input: ``z = linear(x, weight) + bias``.
+
+    ``linear`` must be linear in ``x`` and accept any tensor shaped like ``weight`` (rules
+    call it with modified weights such as ``weight.clamp(min=0)``). ``bias`` broadcasts to
+    the output; modifying it elementwise (``bias.clamp(min=0)``) modifies each channel's
+    bias. With ``bias_known=False`` the op has a bias that autograd did not keep (a frozen
+    parameter); rules then use ``z - linear(x, weight)``, the bias spread over the output.
+    ``scale_out(weight, s)`` returns the weight of ``s * map`` for one factor ``s[c]`` per
+    output channel (dim 1), or is ``None`` when the op cannot absorb such a scale.
+    ``channelwise`` marks ``z = x * weight[c] + bias[c]`` per channel of dim 1 (batch norm
+    at inference): such an op can be folded into the op before it (:func:`fold`).
+    ``params`` are the parameter tensors behind the weight and bias (to find their module).
+    """
+
+    weight: torch.Tensor
+    linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    bias: torch.Tensor | None = None
+    bias_known: bool = True
+    scale_out: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    channelwise: bool = False
+    params: tuple[torch.Tensor, ...] = ()
+
+
+def fold(first: Affine, channel: Affine) -> Affine:
+    """The affine map ``channel(first(x))`` as one :class:`Affine` of ``x``.
+
+    This is batch-norm folding (Zennit's ``MergeBatchNorm`` canonizer) done on the maps,
+    not on a model: the weight becomes ``weight * s`` per output channel and the bias
+    ``s * bias + shift``, where ``channel`` is ``x * s + shift``.
+    """
+    if first.scale_out is None or not channel.channelwise:
+        raise ValueError("fold needs an op that can scale its output channels and a channel-wise op")
+    weight = first.scale_out(first.weight, channel.weight)
+    known = first.bias_known and channel.bias_known
+    bias = None
+    if known and first.bias is not None:
+        bias = channel.linear(first.bias, channel.weight)
+        bias = bias if channel.bias is None else bias + channel.bias
+    elif known:
+        bias = channel.bias
+    return Affine(weight, first.linear, bias, known, None, False, first.params)
+
+
+@dataclass(frozen=True)
 class OpEntry:
     """How one autograd node type combines its inputs (see the module docstring)."""
 
@@ -75,6 +138,8 @@ class OpEntry:
     taps: Callable[[Any], dict[int, torch.Tensor]] = _no_taps
     inverse: Callable[..., dict[int, Value]] | None = None
     doc: str = field(default="", compare=False)
+    group: str = ""
+    affine: Callable[[Any, int], Affine | None] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -96,6 +161,8 @@ def register(
     taps: Callable[[Any], dict[int, torch.Tensor]] = _no_taps,
     inverse: Callable[..., dict[int, Value]] | None = None,
     doc: str = "",
+    group: str = "",
+    affine: Callable[[Any, int], Affine | None] | None = None,
 ) -> None:
     """Register an op entry for one or more autograd node type names.
 
@@ -104,7 +171,7 @@ def register(
     ``"FBackward"``. Registering a name twice replaces the earlier entry.
     """
     for name in (names,) if isinstance(names, str) else names:
-        _REGISTRY[name] = OpEntry(name, kind, contract, forward, own, taps, inverse, doc)
+        _REGISTRY[name] = OpEntry(name, kind, contract, forward, own, taps, inverse, doc, group, affine)
 
 
 def lookup(name: str) -> OpEntry | None:
@@ -118,4 +185,17 @@ def registered() -> dict[str, OpEntry]:
 
 
 # Importing the families registers their entries.
-from . import arith, elementwise, linear, norm, pool, shape  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    arith,
+    attention,
+    custom,
+    elementwise,
+    embedding,
+    linear,
+    math,
+    norm,
+    normalization,
+    pool,
+    shape,
+)
+from .custom import register_function  # noqa: E402,F401

@@ -10,16 +10,19 @@ from ..saved import leaf_variable, output_meta, saved
 from . import MissingOperand
 
 
-def operand(node: Any, xs: list, index: int, saved_name: str | None, what: str) -> torch.Tensor:
+def operand(node: Any, xs: list, index: int, saved_name: str | None, what: str,
+            owner: torch.Tensor | None = None) -> torch.Tensor:
     """Input ``index``: its graph value when given, else the value the node saved.
 
-    Raises :class:`MissingOperand` naming ``what`` when neither exists.
+    Raises :class:`MissingOperand` naming ``what`` when neither exists; ``owner`` (a tensor
+    of the same module, e.g. its weight) lets a model's parameters supply the operand.
     """
     if xs[index] is not None:
         return xs[index]
     value = saved(node, saved_name) if saved_name else None
     if value is None:
-        raise MissingOperand(f"{what} of {node.name()} (not saved by autograd and not in the graph)")
+        raise MissingOperand(f"{what} of {node.name()} (not saved by autograd and not in the graph)",
+                             index, owner)
     return value
 
 

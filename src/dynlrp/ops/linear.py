@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..saved import saved
-from . import register
+from . import Affine, register
 from .common import leaf_input, operand, taps_from
 
 
@@ -34,7 +34,7 @@ def _addmm_forward(node, xs):
     product = operand(node, xs, 1, "mat1", "input") @ operand(node, xs, 2, "mat2", "weight")
     if beta == 0:
         return alpha * product
-    return beta * operand(node, xs, 0, None, "bias") + alpha * product
+    return beta * operand(node, xs, 0, None, "bias", owner=saved(node, "mat2")) + alpha * product
 
 
 def _addmm_own(node):
@@ -53,10 +53,42 @@ def _bmm_own(node):
     return None if a is None or b is None else torch.bmm(a, b)
 
 
+def _scale_columns(w, s):
+    """The weight of ``s * (x @ w)``: one factor per output column."""
+    return w * s.reshape(1, -1)
+
+
+def _product_affine(w, slot, data_slot, alpha, bias=None, known=True, params=()):
+    # x @ w when the data is the left operand, w @ x when it is the right one.
+    if w is None:
+        return None
+    if slot == data_slot:
+        return Affine(w, lambda x, v: alpha * (x @ v), bias, known, _scale_columns, False, (w, *params))
+    return Affine(w, lambda x, v: alpha * (v @ x), bias, known, None, False, (w, *params))
+
+
+def _mm_affine(node, slot):
+    if slot not in (0, 1):
+        return None
+    return _product_affine(saved(node, "mat2" if slot == 0 else "self"), slot, 0, 1)
+
+
+def _addmm_affine(node, slot):
+    if slot not in (1, 2):
+        return None
+    alpha, beta = _scale(node)
+    bias, known, params = None, True, ()
+    if beta != 0:
+        b = leaf_input(node, 0)
+        bias, known, params = (None, False, ()) if b is None else (beta * b, True, (b,))
+    w = saved(node, "mat2" if slot == 1 else "mat1")
+    return _product_affine(w, slot, 1, alpha, bias, known, params)
+
+
 register("MmBackward0", "linear", "bias", forward=_mm_forward, own=_mm_own,
-         taps=taps_from((0, "self"), (1, "mat2")))
+         taps=taps_from((0, "self"), (1, "mat2")), group="dense", affine=_mm_affine)
 register("AddmmBackward0", "linear", "bias", forward=_addmm_forward, own=_addmm_own,
-         taps=taps_from((1, "mat1"), (2, "mat2")))
+         taps=taps_from((1, "mat1"), (2, "mat2")), group="dense", affine=_addmm_affine)
 register("BmmBackward0", "linear", "bias",
          forward=lambda n, xs: torch.bmm(operand(n, xs, 0, "self", "first batch"),
                                          operand(n, xs, 1, "mat2", "second batch")),
@@ -87,7 +119,7 @@ def _conv_has_bias(node):
 def _conv_forward(node, xs):
     x = operand(node, xs, 0, "input", "input")
     w = operand(node, xs, 1, "weight", "weight")
-    bias = operand(node, xs, 2, None, "bias") if _conv_has_bias(node) else None
+    bias = operand(node, xs, 2, None, "bias", owner=w) if _conv_has_bias(node) else None
     return _conv(node, x, w, bias)
 
 
@@ -103,6 +135,37 @@ def _conv_own(node):
     return _conv(node, x, w, bias)
 
 
+def _scale_conv(w, s):
+    """The weight of ``s * conv(x, w)``: one factor per output channel (dim 0 of ``w``)."""
+    return w * s.reshape([-1] + [1] * (w.dim() - 1))
+
+
+def _scale_conv_transposed(groups):
+    def scale(w, s):
+        # A transposed convolution's weight is (in, out / groups, *kernel), grouped along dim 0.
+        g = groups
+        blocks = w.reshape(g, w.shape[0] // g, *w.shape[1:])
+        factors = s.reshape(g, 1, w.shape[1], *([1] * (w.dim() - 2)))
+        return (blocks * factors).reshape(w.shape)
+
+    return scale
+
+
+def _conv_affine(node, slot):
+    w = saved(node, "weight")
+    if slot != 0 or w is None:
+        return None
+    bias, known, params = None, True, (w,)
+    if _conv_has_bias(node):
+        b = leaf_input(node, 2)
+        if b is None:
+            known = False
+        else:
+            bias, params = b.reshape([1, -1] + [1] * (w.dim() - 2)), (w, b)
+    scale = _scale_conv_transposed(saved(node, "groups")) if saved(node, "transposed") else _scale_conv
+    return Affine(w, lambda x, v: _conv(node, x, v, None), bias, known, scale, False, params)
+
+
 register("ConvolutionBackward0", "linear", "bias", forward=_conv_forward, own=_conv_own,
-         taps=taps_from((0, "input"), (1, "weight")))
+         taps=taps_from((0, "input"), (1, "weight")), group="conv", affine=_conv_affine)
 

@@ -34,7 +34,7 @@ def _batch_norm(node, x, bias_of):
 
 def _bn_forward(node, xs):
     x = operand(node, xs, 0, "input", "input")
-    return _batch_norm(node, x, lambda: operand(node, xs, 2, None, "bias"))
+    return _batch_norm(node, x, lambda: operand(node, xs, 2, None, "bias", owner=saved(node, "weight")))
 
 
 class _NoBias(Exception):
@@ -70,7 +70,7 @@ def _bn_affine(node, slot):
     if weight is not None:
         scale = scale * weight
     shift, known = -mean * scale, True
-    if weight is not None:
+    if weight is not None or has_edge(node, 2):  # as in _batch_norm: no weight, no edge -> no bias
         b = leaf_input(node, 2)
         shift, known = (None, False) if b is None else (b + shift, True)
     return Affine(scale, lambda x, v: x * v.reshape(shape), None if shift is None else shift.reshape(shape),
