@@ -55,7 +55,8 @@ def set_trainable(model: nn.Module, trainable: bool) -> nn.Module:
     return model.eval().requires_grad_(trainable)
 
 
-def explain_both(model: nn.Module, x: torch.Tensor, targets: list[int], rules=None, pass_model=False) -> tuple:
+def explain_both(model: nn.Module, x: torch.Tensor, targets: list[int], rules=None,
+                 pass_model: bool = False) -> tuple:
     """One forward pass under ``dynlrp.record()``; relevance of one logit per row in recorded
     mode and in promise mode (``None`` if promise mode raised
     :class:`dynlrp.UnrecoverableValueError`, which is returned instead).
