@@ -174,15 +174,6 @@ def test_reductions_with_negative_dims_and_keepdim(op, dims, keepdim):
 # --- 6.6 silent fallbacks ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="Proportional (rules.py) divides by the node's output z = x - c, so the constant c "
-           "absorbs its share: R_x = x R / (x - c) instead of R. The ops/arith contract says a "
-           "constant outside the graph takes no relevance; the rule should divide by the sum of the "
-           "in-graph terms. Repro: x = torch.randn(3, requires_grad=True); c = torch.randn(3); "
-           "dynlrp.lrp(x - c, x)[0] == x, expected x - c.",
-)
 @pytest.mark.parametrize("kind", ["sub tensor", "add tensor", "sub scalar", "rsub tensor"])
 def test_constant_operand_gives_x_all_relevance(kind):
     x = torch.randn(2, 3, requires_grad=True)

@@ -104,19 +104,29 @@ class Proportional(Epsilon):
     ``R_i = v_i * J_i^T (R / z)``: each term of a sum gets relevance in proportion to its
     contribution; exact conservation (``eps`` only guards ``z = 0``). With
     ``absolute=True`` the paper's Eq. 9 variant shares by magnitude:
-    ``R_i = |v_i| * |J_i|^T (R / sum_j |J_j| |v_j|)``.
+    ``R_i = |v_i| * |J_i|^T (R / sum_j |J_j| |v_j|)``. A constant operand outside the graph
+    (``x - 3``, ``x + c``) is not a term that takes relevance: the one graph operand gets all
+    of it (the identity rule).
     """
 
     def __init__(self, eps: float = 0.0, absolute: bool = False) -> None:
         super().__init__(eps)
         self.absolute = bool(absolute)
 
+    @staticmethod
+    def _has_constant(ctx: RuleContext) -> bool:
+        return len(ctx.graph_inputs) < ctx.num_inputs or ctx.entry.forward is None
+
     def needs(self, ctx: RuleContext) -> Needs:
+        if self._has_constant(ctx):
+            return Needs()
         if self.absolute:
             return Needs(inputs=ctx.graph_inputs, output=False)
         return super().needs(ctx)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        if self._has_constant(ctx):
+            return Identity()(ctx)
         if not self.absolute:
             return super().__call__(ctx)
         signs = ctx.vjp(torch.ones_like(ctx.relevance))
@@ -213,8 +223,9 @@ def _split(affine: Affine, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor):
 
 
 class Gamma(Rule):
-    """LRP-gamma, generalized to inputs and weights of either sign (Montavon et al. 2019,
-    "Layer-wise relevance propagation: an overview", Eq. 7; Andeol et al. 2021; Zennit ``Gamma``).
+    """LRP-gamma, generalized to inputs and weights of either sign (the LRP-gamma rule of
+    Montavon et al. 2019, "Layer-wise relevance propagation: an overview"; generalization of
+    Andeol et al. 2021; Zennit ``Gamma``).
 
     With ``W^up = W + gamma W+`` and ``W^dn = W + gamma W-``, neurons with ``z_j > 0`` share by
     ``z^up = W^up x+ + W^dn x- + (b + gamma b+)`` and neurons with ``z_j < 0`` by
@@ -226,6 +237,15 @@ class Gamma(Rule):
     For ``x >= 0`` and ``z > 0`` this is the textbook rule
     ``R_i = sum_j x_i (w_ij + gamma w_ij+) R_j / sum_i' x_i' (w_i'j + gamma w_i'j+)``; ``gamma = 0``
     gives LRP-0 and large ``gamma`` approaches z+. Conservation up to the bias share.
+
+    Parameters
+    ----------
+    gamma
+        How much the positive (for ``z > 0``) or negative (``z < 0``) contributions are favoured.
+    eps
+        Stabiliser of the denominators (Zennit's ``stabilizer``).
+    zero_bias
+        Leave the bias out (Zennit's ``zero_params='bias'``).
     """
 
     def __init__(self, gamma: float = 0.25, eps: float = 1e-6, zero_bias: bool = False) -> None:
@@ -251,8 +271,9 @@ class Gamma(Rule):
 
 
 class AlphaBeta(Rule):
-    """LRP-alpha-beta (Bach et al. 2015, "On pixel-wise explanations ...", Eq. 60; Zennit
-    ``AlphaBeta``), generalized to inputs of either sign.
+    """LRP-alpha-beta (Bach et al. 2015, "On pixel-wise explanations for non-linear classifier
+    decisions by layer-wise relevance propagation"; Zennit ``AlphaBeta``), generalized to inputs
+    of either sign.
 
     Positive contributions ``z^+ = W+ x+ + W- x- + b+`` and negative ones
     ``z^- = W- x+ + W+ x- + b-`` are normalised separately::
@@ -262,6 +283,16 @@ class AlphaBeta(Rule):
 
     ``alpha - beta = 1`` (both non-negative) keeps the total: ``alpha - beta`` of the relevance
     (up to the bias share) reaches the inputs.
+
+    Parameters
+    ----------
+    alpha, beta
+        Weights of the positive and negative shares; non-negative with ``alpha - beta = 1``
+        (``ValueError`` otherwise).
+    eps
+        Stabiliser of the denominators (Zennit's ``stabilizer``).
+    zero_bias
+        Leave the bias out (Zennit's ``zero_params='bias'``).
     """
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, eps: float = 1e-6,
@@ -293,13 +324,20 @@ class AlphaBeta(Rule):
 
 
 class ZPlus(AlphaBeta):
-    """LRP-z+ (Montavon et al. 2017, "Explaining nonlinear classification decisions with deep
-    Taylor decomposition", Eq. 12; Zennit ``ZPlus``): :class:`AlphaBeta` with ``alpha = 1``,
+    """LRP-z+ (the z+-rule of Montavon et al. 2017, "Explaining nonlinear classification decisions
+    with deep Taylor decomposition"; Zennit ``ZPlus``): :class:`AlphaBeta` with ``alpha = 1``,
     ``beta = 0``, so for inputs of either sign::
 
         R_i = x+_i sum_j W+_ji s_j + x-_i sum_j W-_ji s_j,    s_j = R_j / stab(W+ x+ + W- x- + b+)_j
 
     For ``x >= 0``: ``R_i = sum_j x_i w_ij+ R_j / sum_i' x_i' w_i'j+`` (positive part only).
+
+    Parameters
+    ----------
+    eps
+        Stabiliser of the denominators (Zennit's ``stabilizer``).
+    zero_bias
+        Leave the bias out (Zennit's ``zero_params='bias'``).
     """
 
     def __init__(self, eps: float = 1e-6, zero_bias: bool = False) -> None:
@@ -311,9 +349,9 @@ def _bound(value: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class ZBox(Rule):
-    """LRP-z^B for a bounded input domain ``low <= x <= high`` (Montavon et al. 2017, "Explaining
-    nonlinear classification decisions with deep Taylor decomposition", Eq. 17; Zennit ``ZBox``),
-    the rule for the input layer of image models::
+    """LRP-z^B for a bounded input domain ``low <= x <= high`` (the z^B-rule of Montavon et al.
+    2017, "Explaining nonlinear classification decisions with deep Taylor decomposition"; Zennit
+    ``ZBox``), the rule for the input layer of image models::
 
         R_i = x_i sum_j W_ji s_j - l_i sum_j W+_ji s_j - h_i sum_j W-_ji s_j,
         s_j = R_j / stab(W x - W+ l - W- h)_j
@@ -321,6 +359,13 @@ class ZBox(Rule):
     ``low`` and ``high`` are scalars or tensors that broadcast to the input (per channel:
     shape ``(1, C, 1, 1)``). The bias cancels from the denominator. Conservation is exact
     (up to ``eps``).
+
+    Parameters
+    ----------
+    low, high
+        Lowest and highest possible input values: scalars or tensors broadcasting to the input.
+    eps
+        Stabiliser of the denominators (Zennit's ``stabilizer``).
     """
 
     def __init__(self, low: float | torch.Tensor = -3.0, high: float | torch.Tensor = 3.0,
@@ -345,13 +390,20 @@ class ZBox(Rule):
 
 
 class WSquare(Rule):
-    """LRP-w^2 (Montavon et al. 2017, "Explaining nonlinear classification decisions with deep
-    Taylor decomposition", Eq. 11; Zennit ``WSquare``): relevance by squared weights,
+    """LRP-w^2 (the w^2-rule of Montavon et al. 2017, "Explaining nonlinear classification decisions
+    with deep Taylor decomposition"; Zennit ``WSquare``): relevance by squared weights,
     independent of the input values (for unbounded inputs)::
 
         R_i = sum_j W_ji^2 R_j / stab(sum_i' W_i'j^2 + b_j^2)
 
     As in Zennit the squared bias takes its share unless ``zero_bias``.
+
+    Parameters
+    ----------
+    eps
+        Stabiliser of the denominators (Zennit's ``stabilizer``).
+    zero_bias
+        Leave the bias out (Zennit's ``zero_params='bias'``).
     """
 
     def __init__(self, eps: float = 1e-6, zero_bias: bool = False) -> None:
@@ -378,6 +430,11 @@ class Flat(Rule):
     or weight (w^2 with all weights 1 and no bias)::
 
         R_i = sum_j [i -> j] R_j / stab(#{i' -> j})
+
+    Parameters
+    ----------
+    eps
+        Stabiliser of the denominators (Zennit's ``stabilizer``).
     """
 
     def __init__(self, eps: float = 1e-6) -> None:
@@ -397,6 +454,13 @@ class Folded(Rule):
     The rule sees the merged weight ``W * s`` and bias ``s * b + shift`` through
     ``ctx.affine()``, the batch norm's output as ``ctx.output`` and the merged adjoint as
     ``ctx.vjp``; the batch norm itself passes relevance unchanged. Rule sets insert it.
+
+    Parameters
+    ----------
+    rule
+        The rule of the op (any rule; weight rules see the merged weight).
+    fused
+        The graph index of the batch-norm node folded into the op.
     """
 
     def __init__(self, rule: Rule, fused: int) -> None:

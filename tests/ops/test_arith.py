@@ -78,13 +78,13 @@ def _add_cases() -> list[Case]:
         Case("add-broadcast-both", ("AddBackward0",), lambda a, b: a + b,
              lambda: [positive(B, 3, 1), positive(B, 1, 4)],
              lambda v, r: proportional([(v[0], 1), (v[1], 1)], r), requested=(0, 1), in_axes=(0, 0)),
-        # x + c: the constant is not in the graph and takes its share out of the relevance.
+        # x + c: the constant is not in the graph and takes no relevance (identity rule).
         Case("add-const-tensor", ("AddBackward0",), lambda x: x + C4, lambda: [positive(B, 3, 4)],
-             lambda v, r: proportional([(v[0], 1), (C4, 1)], r)[:1], conserve=False, replay="unrecoverable"),
+             lambda v, r: [identity(r, v[0].shape)], replay="unrecoverable"),
         Case("add-const-first", ("AddBackward0",), lambda x: C34 + x, lambda: [positive(B, 3, 4)],
-             lambda v, r: proportional([(C34, 1), (v[0], 1)], r)[1:], conserve=False, replay="unrecoverable"),
+             lambda v, r: [identity(r, v[0].shape)], replay="unrecoverable"),
         Case("add-python-scalar", ("AddBackward0",), lambda x: x + 3, lambda: [positive(B, 4)],
-             lambda v, r: [v[0] * r / (v[0] + 3)], conserve=False, replay="unrecoverable"),
+             lambda v, r: [identity(r, v[0].shape)], replay="unrecoverable"),
         # a trainable parameter in the graph: the parameter's share leaves with it.
         Case("add-trainable-param", ("AddBackward0",), lambda x: x + P4, lambda: [positive(B, 3, 4)],
              lambda v, r: proportional([(v[0], 1), (P4.detach(), 1)], r)[:1], conserve=False),
@@ -92,7 +92,7 @@ def _add_cases() -> list[Case]:
         Case("add-param-broadcasts-x", ("AddBackward0",), lambda x: x + P34, lambda: [positive(B, 1, 4)],
              lambda v, r: proportional([(v[0], 1), (P34.detach(), 1)], r)[:1], conserve=False),
         Case("add-scalar-overload", ("AddBackward1",), lambda x: ATEN.add.Scalar(x, 3.0, alpha=2),
-             lambda: [positive(B, 4)], lambda v, r: [v[0] * r / (v[0] + 6.0)], conserve=False,
+             lambda: [positive(B, 4)], lambda v, r: [identity(r, v[0].shape)],
              replay="unrecoverable"),
     ]
 
@@ -106,12 +106,12 @@ def _sub_cases() -> list[Case]:
              lambda: [leaf(positive(B, 3, 4) + 1), positive(3, 1)],
              lambda v, r: proportional([(v[0], 1), (v[1], -0.5)], r), requested=(0, 1), in_axes=(0, None)),
         Case("sub-x-minus-const", ("SubBackward0",), lambda x: x - C4, lambda: [leaf(positive(B, 4) + 2)],
-             lambda v, r: proportional([(v[0], 1), (C4, -1)], r)[:1], conserve=False, replay="unrecoverable"),
+             lambda v, r: [identity(r, v[0].shape)], replay="unrecoverable"),
         Case("sub-const-minus-x", ("SubBackward0",), lambda x: (C4 + 2) - x, lambda: [positive(B, 4)],
-             lambda v, r: proportional([(C4 + 2, 1), (v[0], -1)], r)[1:], conserve=False,
+             lambda v, r: [identity(r, v[0].shape)],
              replay="unrecoverable"),
         Case("sub-python-scalar", ("SubBackward0",), lambda x: x - 3, lambda: [leaf(positive(B, 4) + 4)],
-             lambda v, r: [v[0] * r / (v[0] - 3)], conserve=False, replay="unrecoverable"),
+             lambda v, r: [identity(r, v[0].shape)], replay="unrecoverable"),
         Case("sub-trainable-param", ("SubBackward0",), lambda x: x - P4,
              lambda: [leaf(positive(B, 3, 4) + 2)],
              lambda v, r: proportional([(v[0], 1), (P4.detach(), -1)], r)[:1], conserve=False),
@@ -119,17 +119,17 @@ def _sub_cases() -> list[Case]:
              lambda: [leaf(0.2 * positive(B, 3, 4))],
              lambda v, r: proportional([(P4.detach(), 1), (v[0], -1)], r)[1:], conserve=False),
         Case("sub-scalar-overload", ("SubBackward1",), lambda x: ATEN.sub.Scalar(x, 3.0, alpha=0.5),
-             lambda: [leaf(positive(B, 4) + 2)], lambda v, r: [v[0] * r / (v[0] - 1.5)], conserve=False,
+             lambda: [leaf(positive(B, 4) + 2)], lambda v, r: [identity(r, v[0].shape)],
              replay="unrecoverable"),
         # rsub(a, b, alpha) = b - alpha * a
         Case("rsub-two-activations", ("RsubBackward0",), lambda a, b: torch.rsub(a, b, alpha=2.0),
              lambda: [leaf(positive(B, 4) * 0.1), leaf(positive(B, 4) + 1)],
              lambda v, r: proportional([(v[0], -2.0), (v[1], 1)], r), requested=(0, 1), in_axes=(0, 0)),
         Case("rsub-const", ("RsubBackward0",), lambda x: torch.rsub(x, C4 + 2), lambda: [positive(B, 4)],
-             lambda v, r: proportional([(v[0], -1), (C4 + 2, 1)], r)[:1], conserve=False,
+             lambda v, r: [identity(r, v[0].shape)],
              replay="unrecoverable"),
         Case("rsub-python-scalar", ("RsubBackward1",), lambda x: 3 - x, lambda: [positive(B, 4)],
-             lambda v, r: [-v[0] * r / (3 - v[0])], conserve=False, replay="unrecoverable"),
+             lambda v, r: [identity(r, v[0].shape)], replay="unrecoverable"),
     ]
 
 
