@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import dynlrp
+
 # --------------------------------------------------------------------------------------
 # references
 # --------------------------------------------------------------------------------------
@@ -395,3 +397,21 @@ class DownsampleBlock(ConvBNBlock):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(h)) + self.bn_down(self.down(x)))
+
+
+LRP0 = {"linear": dynlrp.rules.Epsilon(0.0)}
+"""Epsilon 0 on linear maps: LRP-0, which conserves relevance exactly on bias-free models."""
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """``assert_close`` in float32 precision, with tolerances scaled to the largest value.
+
+    Parameters
+    ----------
+    actual, expected
+        Tensors of the same shape.
+    rel
+        Absolute tolerance as a fraction of ``max |expected|`` (at least of 1).
+    """
+    scale = float(expected.abs().max()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=rel * max(scale, 1.0))

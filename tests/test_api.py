@@ -10,28 +10,16 @@ from torch import nn
 import dynlrp
 from models import (
     CNN,
+    LRP0,
     ConvBNBlock,
     Unregistered,
+    assert_close,
     assert_unchanged,
     freeze,
     linear_lrp,
     randomize_affine,
     state_snapshot,
 )
-
-LRP0 = {"linear": dynlrp.rules.Epsilon(0.0)}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """``assert_close`` in float32 precision, with tolerances scaled to the largest value.
-
-    Parameters
-    ----------
-    actual, expected
-        Tensors of the same shape.
-    """
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
 def two_layers() -> tuple[nn.Linear, nn.Linear]:

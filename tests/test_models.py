@@ -11,30 +11,16 @@ from torch import nn
 import dynlrp
 from models import (
     CNN,
+    LRP0,
     MLP,
     DownsampleBlock,
     ResidualCNN,
+    assert_close,
     freeze,
     per_row_seed,
     randomize_affine,
     sequential_lrp,
 )
-
-LRP0 = {"linear": dynlrp.rules.Epsilon(0.0)}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
-    """``assert_close`` with tolerances scaled to the largest expected value.
-
-    Parameters
-    ----------
-    actual, expected
-        Tensors of the same shape.
-    rel
-        Absolute tolerance as a fraction of ``max |expected|`` (at least of 1).
-    """
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=rel * max(scale, 1.0))
 
 
 def set_trainable(model: nn.Module, trainable: bool) -> nn.Module:

@@ -23,21 +23,7 @@ import dynlrp
 import dynlrp.engine
 from dynlrp.promise import PromiseResolver
 from dynlrp.record import TapeResolver
-from models import conv2d_lrp, linear_lrp
-
-LRP0 = {"linear": dynlrp.rules.Epsilon(0.0)}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """``assert_close`` in float32 precision, with tolerances scaled to the largest value.
-
-    Parameters
-    ----------
-    actual, expected
-        Tensors of the same shape.
-    """
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+from models import LRP0, assert_close, conv2d_lrp, linear_lrp
 
 
 @pytest.fixture

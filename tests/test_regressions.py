@@ -11,9 +11,11 @@ from torch import nn
 
 import dynlrp
 from models import (
+    LRP0,
     ConvBNBlock,
     Unregistered,
     affine_lrp,
+    assert_close,
     bn_affine,
     conv2d_lrp,
     freeze,
@@ -22,20 +24,6 @@ from models import (
     randomize_affine,
     sequential_lrp,
 )
-
-LRP0 = {"linear": dynlrp.rules.Epsilon(0.0)}
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
-    """``assert_close`` in float32 precision, with tolerances scaled to the largest value.
-
-    Parameters
-    ----------
-    actual, expected
-        Tensors of the same shape.
-    """
-    scale = float(expected.abs().max()) if expected.numel() else 1.0
-    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
 
 
 def both_modes(forward, x: torch.Tensor | list, seed=None, rules=LRP0) -> tuple:

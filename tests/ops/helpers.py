@@ -898,3 +898,39 @@ def route_reference_multi(fn: Callable[..., Tensor], values: Sequence[Tensor], s
 
         out.append(route_reference(only_i, values[i], seed))
     return out
+
+
+def case_tests(cases: list[Case], invertible: list[Case] | None = None) -> tuple:
+    """The standard tests of an op module, parametrized over its cases.
+
+    Parameters
+    ----------
+    cases : list of Case
+        Every case of the module: relevance against the reference, and replay before a
+        frozen layer (the Promise System rebuilding the op's output).
+    invertible : list of Case, optional
+        Cases whose entry can invert the op: checked after a frozen layer with a frozen bias.
+
+    Returns
+    -------
+    tuple of callables
+        ``(test_relevance, test_replay_before_frozen_layer[, test_inverse_after_frozen_layer])``
+        to bind to those names in the test module, where pytest collects them.
+    """
+
+    @pytest.mark.parametrize("case", params(cases))
+    def test_relevance(case):
+        check_case(case)
+
+    @pytest.mark.parametrize("case", params(cases, "replay"))
+    def test_replay_before_frozen_layer(case):
+        check_replay(case)
+
+    if invertible is None:
+        return test_relevance, test_replay_before_frozen_layer
+
+    @pytest.mark.parametrize("case", params(invertible, "inverse"))
+    def test_inverse_after_frozen_layer(case):
+        check_inverse_chain(case)
+
+    return test_relevance, test_replay_before_frozen_layer, test_inverse_after_frozen_layer

@@ -8,7 +8,6 @@ activations, broadcast relevance summed back).
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import dynlrp
@@ -16,14 +15,11 @@ import dynlrp
 from .helpers import (
     DT,
     Case,
-    check_case,
+    case_tests,
     check_closures,
-    check_inverse_chain,
-    check_replay,
     constants,
     covered,
     leaf,
-    params,
     positive,
     randn,
     run_lrp,
@@ -206,19 +202,8 @@ INVERTIBLE = [c for c in CASES if c.id in ("add-trainable-param", "add-param-bro
                                            "sub-trainable-param", "sub-param-minus-x", "neg")]
 
 
-@pytest.mark.parametrize("case", params(CASES))
-def test_relevance(case):
-    check_case(case)
-
-
-@pytest.mark.parametrize("case", params(CASES, "replay"))
-def test_replay_before_frozen_layer(case):
-    check_replay(case)
-
-
-@pytest.mark.parametrize("case", params(INVERTIBLE, "inverse"))
-def test_inverse_after_frozen_layer(case):
-    check_inverse_chain(case)
+test_relevance, test_replay_before_frozen_layer, test_inverse_after_frozen_layer = case_tests(
+    CASES, INVERTIBLE)
 
 
 def test_contracts_and_kinds():

@@ -20,11 +20,8 @@ import dynlrp
 from .helpers import (
     DT,
     Case,
-    check_case,
-    check_inverse_chain,
-    check_replay,
+    case_tests,
     covered,
-    params,
     randn,
 )
 
@@ -97,19 +94,8 @@ def _dropout(x):
 INVERTIBLE = [c for c in CASES if dynlrp.ops.lookup(c.names[0]).inverse is not None and c.id != "lift-fresh"]
 
 
-@pytest.mark.parametrize("case", params(CASES))
-def test_relevance(case):
-    check_case(case)
-
-
-@pytest.mark.parametrize("case", params(CASES, "replay"))
-def test_replay_before_frozen_layer(case):
-    check_replay(case)
-
-
-@pytest.mark.parametrize("case", params(INVERTIBLE, "inverse"))
-def test_inverse_after_frozen_layer(case):
-    check_inverse_chain(case)
+test_relevance, test_replay_before_frozen_layer, test_inverse_after_frozen_layer = case_tests(
+    CASES, INVERTIBLE)
 
 
 def test_relu_inverse_is_known_only_where_positive():

@@ -7,7 +7,6 @@ including the bias; convolutions as dense matrices built with loops.
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -16,14 +15,12 @@ import dynlrp
 from .helpers import (
     DT,
     Case,
-    check_case,
-    check_replay,
+    case_tests,
     constants,
     conv_matrix,
     covered,
     epsilon_dense,
     epsilon_mm,
-    params,
     randn,
     stab,
 )
@@ -260,14 +257,7 @@ CONV_CASES.append(Case(
 CASES = MATMUL_CASES + CONV_CASES
 
 
-@pytest.mark.parametrize("case", params(CASES))
-def test_relevance(case):
-    check_case(case)
-
-
-@pytest.mark.parametrize("case", params(CASES, "replay"))
-def test_replay_before_frozen_layer(case):
-    check_replay(case)
+test_relevance, test_replay_before_frozen_layer = case_tests(CASES)
 
 
 def test_contracts():

@@ -8,7 +8,6 @@ weight and bias are random (never the identity defaults).
 
 from __future__ import annotations
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -17,12 +16,10 @@ import dynlrp
 from .helpers import (
     DT,
     Case,
-    check_case,
+    case_tests,
     check_closures,
-    check_replay,
     constants,
     covered,
-    params,
     randn,
     stab,
 )
@@ -85,14 +82,7 @@ CASES = [_case(s, p, t) for s in SPATIAL
 CASES += [_case((3, 4), "zero-shift", False), _case((4,), "random", True, eps=0.25)]
 
 
-@pytest.mark.parametrize("case", params(CASES))
-def test_relevance(case):
-    check_case(case)
-
-
-@pytest.mark.parametrize("case", params(CASES, "replay"))
-def test_replay_before_frozen_layer(case):
-    check_replay(case)
+test_relevance, test_replay_before_frozen_layer = case_tests(CASES)
 
 
 def test_module_in_eval_mode():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -18,11 +17,9 @@ import dynlrp
 
 from .helpers import (
     Case,
-    check_case,
-    check_replay,
+    case_tests,
     covered,
     inside,
-    params,
     positive,
     randn,
     window_positions,
@@ -188,14 +185,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", params(CASES))
-def test_relevance(case):
-    check_case(case)
-
-
-@pytest.mark.parametrize("case", params(CASES, "replay"))
-def test_replay_before_frozen_layer(case):
-    check_replay(case)
+test_relevance, test_replay_before_frozen_layer = case_tests(CASES)
 
 
 def test_windows_reference_matches_forward():

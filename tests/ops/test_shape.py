@@ -16,14 +16,11 @@ from .helpers import (
     DT,
     Case,
     assert_close,
-    check_case,
+    case_tests,
     check_closures,
     check_conservation,
-    check_inverse_chain,
-    check_replay,
     constants,
     covered,
-    params,
     randn,
     route_reference,
     route_reference_multi,
@@ -149,19 +146,8 @@ INVERTIBLE = [c for c in CASES if len(c.make()) == 1
               and all(dynlrp.ops.lookup(n).inverse is not None for n in c.names)]
 
 
-@pytest.mark.parametrize("case", params(CASES))
-def test_relevance(case):
-    check_case(case)
-
-
-@pytest.mark.parametrize("case", params(CASES, "replay"))
-def test_replay_before_frozen_layer(case):
-    check_replay(case)
-
-
-@pytest.mark.parametrize("case", params(INVERTIBLE, "inverse"))
-def test_inverse_after_frozen_layer(case):
-    check_inverse_chain(case)
+test_relevance, test_replay_before_frozen_layer, test_inverse_after_frozen_layer = case_tests(
+    CASES, INVERTIBLE)
 
 
 MULTI = {
