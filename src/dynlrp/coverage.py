@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -25,10 +25,45 @@ class CoverageReport:
     def complete(self) -> bool:
         return not self.uncovered
 
+    @property
+    def covered_ops(self) -> int:
+        """How many distinct op types of the graph have an entry."""
+        return len(self.ops) - len(self.uncovered)
+
     def __str__(self) -> str:
         lines = [f"covered {self.covered_nodes}/{self.total_nodes} nodes, "
                  f"{len(self.ops) - len(self.uncovered)}/{len(self.ops)} op types"]
         lines += [f"  no rule: {name} x{count}" for name, count in sorted(self.uncovered.items())]
+        return "\n".join(lines)
+
+    @staticmethod
+    def table(reports: Mapping[str, CoverageReport], modality: Mapping[str, str] | None = None) -> str:
+        """A Markdown table with the columns of the paper's Table 6, an aggregate row, and the
+        uncovered ops per model (Table 7) when there are any.
+
+        Parameters
+        ----------
+        reports
+            ``{model name: report}``, in the order the rows should appear.
+        modality
+            ``{model name: modality}`` ("Vision", "Language", ...); empty cells otherwise.
+
+        Returns
+        -------
+        str
+        """
+        modality = modality or {}
+        lines = ["| Model | Modality | Covered Nodes | Unique Ops covered |", "|---|---|---:|---:|"]
+        for name, r in reports.items():
+            lines.append(f"| {name} | {modality.get(name, '')} | {r.covered_nodes:,}/{r.total_nodes:,} "
+                         f"| {r.covered_ops}/{len(r.ops)} |")
+        covered = sum(r.covered_nodes for r in reports.values())
+        total = sum(r.total_nodes for r in reports.values())
+        lines.append(f"| Aggregate | - | {covered:,}/{total:,} | - |")
+        missing = [(name, op, n) for name, r in reports.items() for op, n in sorted(r.uncovered.items())]
+        if missing:
+            lines += ["", "| Model | Uncovered Ops | Node count |", "|---|---|---:|"]
+            lines += [f"| {name} | {op} | {n} |" for name, op, n in missing]
         return "\n".join(lines)
 
 

@@ -198,4 +198,4 @@ from . import (  # noqa: E402,F401
     pool,
     shape,
 )
-from .custom import register_function  # noqa: E402,F401
+from .custom import register_function, unregister_function  # noqa: E402,F401
