@@ -530,10 +530,39 @@ class SoftmaxDT(Rule):
         return _only_slots(ctx, {0: torch.where(live, ctx.input(0) * grad, torch.zeros_like(grad))})
 
 
+class SumWithConstants(Rule):
+    """Proportional sharing of a sum in which constants are terms too -- the epsilon rule of a
+    sum, and what gradient x input gives (LxT). For ``z = sum_i c_i v_i + c`` with graph
+    operands ``v_i`` and a constant ``c`` that autograd never saw (an attention mask, a
+    position table, a bias added on its own)::
+
+        R_i = c_i v_i * (R / (z + eps * sign(z)))        (summed back over broadcast dims)
+
+    and ``c`` keeps ``c * R / z``, which leaves the graph like a layer's bias share under
+    :class:`Epsilon`. (:class:`Proportional` gives the graph operand everything instead.)
+    A sum whose value cannot be known -- a Python scalar added, whose node keeps nothing
+    (``x + 3``) -- gets the identity rule.
+    """
+
+    def __init__(self, eps: float = 0.0) -> None:
+        self.eps = float(eps)
+
+    def needs(self, ctx: RuleContext) -> Needs:
+        if ctx.entry.forward is None:
+            return Needs()
+        return Needs(inputs=ctx.reaching, output=True)
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        if ctx.entry.forward is None:
+            return Identity()(ctx)
+        grads = ctx.vjp(ctx.relevance / stabilize(ctx.output, self.eps))
+        return _only_slots(ctx, {i: ctx.input(i) * grads[i] for i in ctx.reaching})
+
+
 class StopRelevance(Rule):
     """No relevance passes this op: its inputs are treated as constants.
 
-    CP-LRP's rule for the softmax of attention (Ali et al. 2022, Sec. 3): the attention
+    CP-LRP's rule for the softmax of attention (Ali et al. 2022): the attention
     probabilities are constants, so relevance flows through the values only (the paper's ViT
     setting "routing relevance only through the final matrix multiplication ... and skipping
     the softmax").
@@ -615,7 +644,7 @@ class ValuePathEpsilon(Rule):
 class ConstantDenominator(Rule):
     """AttnLRP's treatment of normalisation layers: the normalising denominator is a constant,
     so ``y = (x - mean(x)) * rstd * w + b`` is an affine map of ``x`` and epsilon-LRP applies
-    (AttnLRP Sec. 3.3; LxT ``layer_norm_forward`` with ``stop_gradient`` on the std)::
+    (AttnLRP on normalisation layers; LxT's ``layer_norm_forward``, ``stop_gradient`` on the std)::
 
         R_x = x * J_c^T (R / (y + eps * sign(y)))
 
