@@ -133,7 +133,6 @@ def test_usage_errors(capsys, digit_png):
     assert run(capsys, "coverage")[0] == 1
 
 
-@pytest.mark.xfail(raises=dynlrp.UnknownOpError, strict=False, reason="transformer ops land separately")
 def test_explain_text_writes_html_and_terminal_heatmap(capsys, tiny_bert, tmp_path):
     code, out, err = run(capsys, "explain", "--text", "the film was wonderful", "--model", f"hf:{tiny_bert}",
                          "--target", "pos", "--merge-subwords", "--color", "always", "--out", str(tmp_path),

@@ -15,8 +15,6 @@ import dynlrp
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-transformer_ops = pytest.mark.xfail(raises=dynlrp.UnknownOpError, strict=False,
-                                    reason="transformer ops (layer norm, softmax, attention) land separately")
 
 
 def load_example(name: str):
@@ -44,7 +42,6 @@ def test_custom_residual(tmp_path):
     assert torch.equal(dynlrp.Explanation.load(tmp_path / "custom_residual.pt").relevance, e.relevance)
 
 
-@transformer_ops
 def test_hf_text_classifier(tmp_path):
     pytest.importorskip("transformers")
     e = load_example("hf_text_classifier").main(str(tmp_path))
@@ -52,7 +49,6 @@ def test_hf_text_classifier(tmp_path):
     assert (tmp_path / "tokens.html").is_file()
 
 
-@transformer_ops
 def test_causal_lm_next_token(tmp_path):
     pytest.importorskip("transformers")
     e = load_example("causal_lm_next_token").main(str(tmp_path), layers=1)
@@ -60,7 +56,6 @@ def test_causal_lm_next_token(tmp_path):
     assert (tmp_path / "next_token.html").is_file()
 
 
-@transformer_ops
 def test_vit(tmp_path):
     pytest.importorskip("transformers")
     e = load_example("vit").main(str(tmp_path), size=32, layers=1)
