@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from . import ops, presets, rules, targets
+from . import baselines, metrics, ops, presets, rules, targets
 from .coverage import CoverageReport, coverage
 from .engine import LRP
 from .errors import (
@@ -68,6 +68,7 @@ def lrp(
 
 __all__ = [
     "lrp", "LRP", "record", "Tape", "coverage", "CoverageReport", "rules", "presets", "ops", "targets",
+    "metrics", "baselines",
     "LRPError", "GraphError", "GraphFreedError", "UnknownOpError", "UnrecoverableValueError",
     "NonFiniteRelevanceError",
     "explain", "explain_batches", "Explanation",
