@@ -1,0 +1,145 @@
+"""Per-node engine overhead: a ~2,000-node graph of tiny tensors, dynlrp vs gradient x input.
+
+On tiny tensors the arithmetic is free and what is left is bookkeeping: autograd's C++
+engine against dynlrp's Python traversal, rule dispatch and Promise System. The graph is a
+chain of residual blocks on a ``(1, 8)`` input, five autograd nodes each::
+
+    h = 0.5 * (h + W2 relu(W1 h))       # mm, relu, mm, add, mul
+
+(Llama-style linear layers without bias, so promise mode can rebuild every value).
+Target of the issue: dynlrp within 2x of gradient x input.
+
+Run from the repository root::
+
+    PYTHONPATH=src python benchmarks/overhead.py [--nodes 2000] [--repeats 9]
+
+Writes ``<out>/overhead.json`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import benchutil as bu  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+METHODS = ("grad", "dynlrp", "dynlrp_recorded", "dynlrp_cached")
+NODES_PER_BLOCK = 5
+
+
+def build(nodes: int, width: int = 8, seed: int = 0):
+    """A residual chain with about ``nodes`` autograd nodes, as a :class:`zoo.Problem`."""
+    import torch
+    import zoo
+    from torch import nn
+
+    class Chain(nn.Module):
+        def __init__(self, blocks: int) -> None:
+            super().__init__()
+            self.w1 = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(blocks))
+            self.w2 = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(blocks))
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            for w1, w2 in zip(self.w1, self.w2):
+                h = 0.5 * (h + w2(torch.relu(w1(h))))
+            return h
+
+    torch.manual_seed(seed)
+    model = zoo.freeze(Chain(max(nodes // NODES_PER_BLOCK, 1)))
+    return zoo.Problem(f"chain-{nodes}", model, torch.randn(1, width), model)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import methods as M
+
+    import dynlrp
+
+    p = build(args.nodes)
+    ready = {name: M.make(name, p) for name in args.methods.split(",")}
+    x = p.x.clone().requires_grad_(True)
+    cov = dynlrp.coverage(p.forward(x))
+    samples = bu.interleave({n: m.run for n, m in ready.items()}, args.repeats, args.warmup)
+    return {"samples": samples, "autograd_nodes": cov.total_nodes, "uncovered": cov.uncovered,
+            "stats": ready["dynlrp"].info.get("stats") if "dynlrp" in ready else None,
+            "machine": bu.machine()}
+
+
+def summarise(got: dict) -> dict[str, Any]:
+    grad = got["samples"]["grad"]
+    nodes = got["autograd_nodes"]
+    out: dict[str, Any] = {"autograd_nodes": nodes, "stats": got.get("stats"), "methods": {}}
+    g_explain = bu.median([s["explain"] for s in grad])
+    for name, samples in got["samples"].items():
+        explain = bu.median([s["explain"] for s in samples])
+        out["methods"][name] = {
+            "time_s": bu.median([s["total"] for s in samples]),
+            "explain_s": explain,
+            "ratio": bu.paired_ratio(samples, grad),
+            "explain_ratio": bu.paired_ratio(samples, grad, "explain"),
+            "explain_us_per_node": 1e6 * explain / nodes,
+            "extra_us_per_node": 1e6 * (explain - g_explain) / nodes,
+        }
+    return out
+
+
+def markdown(summary: dict, target: float) -> str:
+    """One row per method: totals, explain-only, microseconds per node, the 2x target."""
+    import methods as M
+
+    lines = [f"Graph: {summary['autograd_nodes']} autograd nodes of `(1, 8)` tensors. "
+             "Ratios are medians of per-round ratios to gradient x input.", "",
+             "| method | forward + explain | × grad | explain only | × autograd.grad | µs / node "
+             f"| extra µs / node | within {target:g}× |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in summary["methods"].items():
+        ok = "" if name == "grad" else ("yes" if (m["explain_ratio"] or 1e9) <= target else "no")
+        lines.append(
+            f"| {M.LABELS[name]} | {m['time_s'] * 1e3:.1f} ms | {m['ratio']:.2f}× | "
+            f"{m['explain_s'] * 1e3:.1f} ms | {m['explain_ratio']:.2f}× | {m['explain_us_per_node']:.1f} "
+            f"| {m['extra_us_per_node']:.1f} | {ok} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--nodes", type=int, default=2000, help="autograd nodes in the chain (about)")
+    ap.add_argument("--repeats", type=int, default=9, help="measured rounds")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument("--target", type=float, default=2.0, help="the ratio the issue asks for")
+    ap.add_argument("--out", type=Path, default=bu.RESULTS, help="directory for overhead.json")
+    ap.add_argument("--src", type=Path, help="dynlrp source tree to measure (default: src/)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    bu.use_src(args.src)
+    if "grad" not in args.methods.split(","):
+        args.methods = "grad," + args.methods
+    if args.worker:
+        bu.emit(worker(args))
+        return 0
+    got = bu.run_worker(SCRIPT, ["--worker", "--nodes", str(args.nodes), "--repeats", str(args.repeats),
+                                 "--warmup", str(args.warmup), "--methods", args.methods])
+    if "error" in got:
+        print(f"overhead: the worker failed: {got['error']}", file=sys.stderr)
+        return 1
+    summary = summarise(got)
+    result = {"settings": {"nodes": args.nodes, "repeats": args.repeats, "warmup": args.warmup,
+                           "target": args.target}, "machine": got["machine"], **summary}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "overhead.json").write_text(json.dumps(result, indent=1) + "\n")
+    print(markdown(summary, args.target))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

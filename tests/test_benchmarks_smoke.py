@@ -1,0 +1,87 @@
+"""Smoke test of the benchmark scripts: each runs end to end at tiny size.
+
+These check that the scripts work and write what docs/performance.md describes -- not
+their numbers (timings at tiny size and on a shared CI machine mean nothing). Each script
+runs in its own process, as a user would run it, writing into a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+pytest.importorskip("torchvision")
+
+
+def _run(script: str, *args: str, timeout: float = 180) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+def _is_ratio(value) -> bool:
+    return isinstance(value, (int, float)) and value > 0
+
+
+def _ran_or_reported(entry: dict) -> bool:
+    """A method either measured (a positive ratio) or reported why it could not run."""
+    return _is_ratio(entry.get("ratio")) or bool(entry.get("error"))
+
+
+def test_compare_tiny(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("zennit")
+    pytest.importorskip("lxt")
+    # Captum and the memory processes of the other methods are left to full benchmark runs:
+    # they add minutes, and the smoke test only checks that the script works end to end.
+    out = _run("compare.py", "--tiny", "--models", "vgg16,bert",
+               "--methods", "grad,dynlrp,dynlrp_recorded,dynlrp_cached,zennit,lxt",
+               "--memory-methods", "grad", "--out", str(tmp_path), timeout=420)
+    result = json.loads((tmp_path / "latest.json").read_text())
+    assert (tmp_path / "latest.md").read_text() in out
+    rows = {row["model"]: row for row in result["rows"]}
+    assert set(rows) == {"vgg16", "bert"}
+    for model, expected in (("vgg16", {"grad", "dynlrp", "dynlrp_recorded", "dynlrp_cached", "zennit"}),
+                            ("bert", {"grad", "dynlrp", "dynlrp_recorded", "dynlrp_cached", "lxt"})):
+        methods = rows[model]["methods"]
+        assert set(methods) == expected, model
+        assert methods["grad"]["ratio"] == pytest.approx(1.0)
+        assert methods["grad"]["extra_peak_mib"] is not None
+        assert all(_ran_or_reported(m) for m in methods.values()), methods
+    vgg = rows["vgg16"]["methods"]["dynlrp"]
+    if "error" not in vgg:  # the paper's Table 4 numbers come from engine.stats
+        assert vgg["info"]["stats"]["nodes"] > 0
+    assert "| VGG16 | 1 |" in out
+
+
+def test_scaling_tiny(tmp_path):
+    plot = tmp_path / "scaling.png"
+    _run("scaling.py", "--tiny", "--no-memory", "--methods", "grad,dynlrp,dynlrp_cached",
+         "--out", str(tmp_path), "--plot", str(plot))
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    assert result["settings"]["variant"]
+    for sweep in ("depth", "tokens"):
+        assert len(result[sweep]) == 2
+        for point in result[sweep]:
+            assert "error" not in point, point
+            assert _is_ratio(point["methods"]["dynlrp"]["ratio"])
+    assert plot.stat().st_size > 0
+
+
+def test_overhead_tiny(tmp_path):
+    out = _run("overhead.py", "--nodes", "100", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path))
+    result = json.loads((tmp_path / "overhead.json").read_text())
+    assert result["autograd_nodes"] >= 90
+    assert _is_ratio(result["methods"]["dynlrp"]["explain_ratio"])
+    assert "µs / node" in out
