@@ -9,13 +9,15 @@ Run from the repository root::
 
     PYTHONPATH=src python benchmarks/hotspots.py [--top 25] [--cases vgg16,chain]
 
-Writes ``<out>/profile_<case>_<call>.txt`` (sorted by own time, then by cumulative time).
+Writes ``<out>/profile_<case>[-<rules>]_<call>.txt`` (sorted by own time, then by cumulative
+time). ``--rules`` picks a preset (the model is then passed to the engine as ``model=``).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import inspect
 import io
 import pstats
 import sys
@@ -38,7 +40,7 @@ def problem(case: str, image: int):
     raise ValueError(f"unknown case {case!r}")
 
 
-def profile_case(case: str, image: int, top: int, out: Path) -> dict[str, str]:
+def profile_case(case: str, image: int, top: int, out: Path, rules: str | None = None) -> dict[str, str]:
     """Profile the first and a cached call; return ``{call: report text}``."""
     import torch
     import zoo
@@ -46,29 +48,32 @@ def profile_case(case: str, image: int, top: int, out: Path) -> dict[str, str]:
     import dynlrp
 
     p = problem(case, image)
-    engine = dynlrp.LRP()
+    engine = dynlrp.LRP(rules)
+    tag = case if rules is None else f"{case}-{rules}"
+    takes_model = "model" in inspect.signature(engine.__call__).parameters
+    kwargs = {"model": p.model} if takes_model and rules is not None else {}
     reports = {}
     for call, seed in (("first", 1), ("second", 2)):
         x = p.fresh_input(seed).requires_grad_(True)
         y = p.forward(x)
         seed_r = zoo.top_logit_seed(y)
         if call == "first":  # warm torch's kernels up on another engine, not this one
-            dynlrp.LRP()(p.forward(x), x, seed_r)
+            dynlrp.LRP(rules)(p.forward(x), x, seed_r, **kwargs)
         prof = cProfile.Profile()
         prof.enable()
-        engine(y, x, seed_r)
+        engine(y, x, seed_r, **kwargs)
         prof.disable()
         buf = io.StringIO()
         stats = pstats.Stats(prof, stream=buf)
-        total = sum(v[3] for v in stats.stats.values() if v[3] > 0) and stats.total_tt
-        buf.write(f"# {case}, {call} call of one engine, torch {torch.__version__}, "
-                  f"{torch.get_num_threads()} threads; total {total:.3f} s\n")
+        buf.write(f"# {tag} (rules: {rules or 'default'}), {call} call of one engine, "
+                  f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+                  f"total {stats.total_tt:.3f} s\n")
         buf.write(f"# engine.stats: {engine.stats}\n\n## by own time (tottime)\n")
         stats.sort_stats("tottime").print_stats(top)
         buf.write("\n## by cumulative time\n")
         stats.sort_stats("cumulative").print_stats(top)
         text = buf.getvalue()
-        (out / f"profile_{case}_{call}.txt").write_text(text)
+        (out / f"profile_{tag}_{call}.txt").write_text(text)
         reports[call] = text
     return reports
 
@@ -78,13 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cases", default="vgg16,chain", help="comma-separated: vgg16, chain")
     ap.add_argument("--image", type=int, default=224, help="VGG16 image side")
     ap.add_argument("--top", type=int, default=25, help="functions listed per table")
+    ap.add_argument("--rules", help="a dynlrp preset name (default: the engine's default rules)")
     ap.add_argument("--out", type=Path, default=bu.RESULTS, help="directory for profile_*.txt")
     ap.add_argument("--src", type=Path, help="dynlrp source tree to measure (default: src/)")
     args = ap.parse_args(argv)
     bu.use_src(args.src)
     args.out.mkdir(parents=True, exist_ok=True)
     for case in args.cases.split(","):
-        for call, text in profile_case(case, args.image, args.top, args.out).items():
+        for call, text in profile_case(case, args.image, args.top, args.out, args.rules).items():
             head = "\n".join(text.splitlines()[: 12 + min(args.top, 12)])
             print(f"==== {case} / {call} call ====\n{head}\n")
     return 0

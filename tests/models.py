@@ -290,6 +290,70 @@ def assert_unchanged(model: nn.Module, before: dict[str, tuple[torch.Tensor, boo
         assert p.grad is None, f"{name}.grad was written"
 
 
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's state cheaply: storage, version counter (bumped by every in-place
+    op, under ``no_grad`` too), ``requires_grad``, ``.grad``, and a checksum of the values (which
+    catches writes through ``.data``, invisible to the version counter)."""
+    grad = None if not t.is_leaf or t.grad is None else (t.grad.data_ptr(), t.grad._version)
+    values = t.detach()
+    checksum = float(values.sum()) if values.is_floating_point() else int(values.sum())
+    return t.data_ptr(), t._version, t.requires_grad, grad, checksum
+
+
+class Untouched:
+    """The state of a model and of the caller's tensors, to check later that nothing changed:
+    parameters, buffers, their ``.grad`` and ``requires_grad``, every module's train/eval mode,
+    and the tensors (inputs, seeds, outputs). No copies are made, so it is cheap for whole
+    torchvision models. Use :meth:`check`, or ``with Untouched(model, x, seed): ...``.
+
+    Parameters
+    ----------
+    model
+        The model, or ``None`` for tensors only.
+    tensors
+        The caller's tensors (``None`` entries are skipped).
+    """
+
+    def __init__(self, model: nn.Module | None, *tensors: torch.Tensor | None) -> None:
+        self.model = model
+        self.tensors = [t for t in tensors if t is not None]
+        self.before = self._state()
+
+    def _state(self) -> tuple[dict, list]:
+        model = self.model
+        named = [] if model is None else [*model.named_parameters(), *model.named_buffers()]
+        modes = [] if model is None else [(name, m.training) for name, m in model.named_modules()]
+        own = [(f"tensor {i}", t) for i, t in enumerate(self.tensors)]
+        return {name: _fingerprint(t) for name, t in named + own}, modes
+
+    def check(self) -> None:
+        """Assert that nothing changed since construction."""
+        (values, modes), (before, modes_before) = self._state(), self.before
+        changed = [name for name, value in before.items() if values.get(name) != value]
+        assert not changed and values.keys() == before.keys(), f"changed: {changed}"
+        assert modes == modes_before, "a module's train/eval mode changed"
+
+    def __enter__(self) -> Untouched:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.check()
+
+
+def tiny_llama():
+    """A 2-layer Llama (hidden size 32, random weights, frozen, eval) and a batch of 2 x 6 input
+    embeddings: ``(model, x, forward(model, x) -> last-token logits, "attnlrp")``."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=50,
+                                   max_position_embeddings=32, attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval().requires_grad_(False)
+    x = model.get_input_embeddings()(torch.randint(3, 50, (2, 6))).detach()
+    return model, x, lambda m, xi: m(inputs_embeds=xi).logits[:, -1], "attnlrp"
+
+
 def per_row_seed(y: torch.Tensor, targets: list[int]) -> torch.Tensor:
     """A seed selecting one logit per row: ``y[n, targets[n]]`` there, zero elsewhere.
 

@@ -15,6 +15,7 @@ from models import (
     MLP,
     DownsampleBlock,
     ResidualCNN,
+    Untouched,
     assert_close,
     freeze,
     per_row_seed,
@@ -45,7 +46,8 @@ def explain_both(model: nn.Module, x: torch.Tensor, targets: list[int], rules=No
                  pass_model: bool = False) -> tuple:
     """One forward pass under ``dynlrp.record()``; relevance of one logit per row in recorded
     mode and in promise mode (``None`` if promise mode raised
-    :class:`dynlrp.UnrecoverableValueError`, which is returned instead).
+    :class:`dynlrp.UnrecoverableValueError`, which is returned instead). Checks that neither
+    mode changes the model or the input, output and seed (:class:`models.Untouched`).
 
     Parameters
     ----------
@@ -68,11 +70,12 @@ def explain_both(model: nn.Module, x: torch.Tensor, targets: list[int], rules=No
     with dynlrp.record() as tape:
         y = model(x)
     seed = per_row_seed(y, targets)
-    recorded, = dynlrp.lrp(y, x, seed, rules=rules, tape=tape)
-    try:
-        promised, = dynlrp.lrp(y, x, seed, rules=rules, model=model if pass_model else None)
-    except dynlrp.UnrecoverableValueError as exc:
-        promised = exc
+    with Untouched(model, x, y, seed):  # nothing mutated, in either mode
+        recorded, = dynlrp.lrp(y, x, seed, rules=rules, tape=tape)
+        try:
+            promised, = dynlrp.lrp(y, x, seed, rules=rules, model=model if pass_model else None)
+        except dynlrp.UnrecoverableValueError as exc:
+            promised = exc
     return seed, recorded, promised
 
 

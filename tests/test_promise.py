@@ -32,6 +32,8 @@ def resolvers(monkeypatch):
     made: list[PromiseResolver] = []
 
     class Recording(PromiseResolver):
+        keep_values = True  # the tests inspect every value the call resolved
+
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)

@@ -8,15 +8,19 @@ has both):
 * ``dynlrp.coverage`` finds no uncovered node;
 * the ``attnlrp``, ``cp_lrp`` and default rule sets give finite relevance, shaped like the
   explained inputs (the input embeddings, pixels or audio);
-* promise mode equals recorded mode -- on the frozen model where the graph holds every value
-  the rules need; otherwise promise mode must raise :class:`dynlrp.UnrecoverableValueError`
-  (a frozen bias or a constant the graph never saw; see docs/transformers.md). The same again
-  with biases, norms and position tables trainable (weights stay frozen, so Linear layers
-  still keep no input and the Promise System still does the work) -- except where eager
-  attention adds a mask, which no parameter setting puts in the graph;
+* promise mode equals recorded mode on the frozen model, its frozen biases read through
+  ``model=``, under ``attnlrp`` and ``cp_lrp`` -- eager attention masks, position tables and
+  class tokens included (relevance per unit of value, see docs/transformers.md); under the
+  default rules too, except where a constant the graph never saw changes the result (eager
+  masks), where promise mode must raise :class:`dynlrp.UnrecoverableValueError`. Without
+  ``model=`` promise mode equals recorded mode or raises, pointing to ``model=``. The same
+  again with biases, norms and position tables trainable (weights stay frozen, so Linear
+  layers still keep no input and the Promise System still does the work), without ``model=``;
 * the share of the seed that reaches the explained inputs is reported
   (``python tests/test_transformers.py`` prints the table of docs/transformers.md) and, for
   bias-free models under the conserving ``cp_lrp`` rules, checked to be close to 1.
+* nothing is mutated: parameters, buffers, ``.grad``, ``requires_grad``, train/eval mode,
+  the inputs, the seed and the outputs are as they were (:class:`models.Untouched`).
 
 Also here: padding gets exactly zero relevance, positional embeddings as a separate input,
 and the seed helpers of :mod:`dynlrp.targets`.
@@ -38,6 +42,7 @@ torchvision = pytest.importorskip("torchvision")
 
 import dynlrp  # noqa: E402
 from dynlrp import targets  # noqa: E402
+from models import Untouched  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -81,13 +86,13 @@ class Arch:
         ``seed(output) -> relevance seed`` (a :mod:`dynlrp.targets` helper).
     impls
         Attention implementations to sweep.
-    frozen
-        What runs on the frozen model: ``"promise"`` (promise == recorded), ``"record"``
-        (promise mode raises UnrecoverableValueError), ``"none"`` (recorded mode cannot derive
-        a value either: ``nn.MultiheadAttention`` with frozen projection biases). A dict gives
-        one per attention implementation.
-    trainable
-        The same with biases, norms and position tables trainable (``"promise"`` or ``"record"``).
+    default
+        Whether the default rule set runs in promise mode on the frozen model (``"promise"``:
+        promise == recorded) or needs the tape (``"record"``: promise mode raises, because a
+        constant the graph never saw -- an eager attention mask -- changes the result), or
+        neither (``"none"``: the tape does not see inside ``F.multi_head_attention_forward``,
+        and SigLIP's pooling head adds frozen biases there). A dict gives one per attention
+        implementation.
     bias_free
         No bias, position table or other constant added on the path of the values (T5's position
         bias only enters attention scores): the conserving ``cp_lrp`` rules keep the seed.
@@ -102,8 +107,7 @@ class Arch:
     explain: tuple[str, ...]
     seed: Callable[[torch.Tensor], torch.Tensor]
     impls: tuple[str, ...] = ("sdpa", "eager")
-    frozen: str | dict[str, str] = "record"
-    trainable: str | dict[str, str] = "promise"
+    default: str | dict[str, str] = "promise"
     bias_free: bool = False
     output: Callable[[Any], torch.Tensor] = field(default=lambda out: out.logits)
     positional: bool = False
@@ -181,30 +185,31 @@ def _pixels(size=16, seed=0):
 
 
 #: Eager attention adds its mask (and T5 its position bias) as a constant autograd never saw: the
-#: softmax's input is then not in the graph, and promise mode needs the tape.
+#: softmax's input is then not in the graph. The presets' rules do not depend on it (relevance
+#: per unit of value); the default rules do, and promise mode needs the tape for them.
 SDPA_ONLY = {"sdpa": "promise", "eager": "record"}
 ARCHS = [
     Arch("GPT-2", "Language", _text(T.GPT2LMHeadModel, T.GPT2Config, n_layer=2, n_embd=32, n_head=2,
                                     vocab_size=50, n_positions=32),
-         _lm_inputs, ("inputs_embeds",), targets.next_token, trainable=SDPA_ONLY),
+         _lm_inputs, ("inputs_embeds",), targets.next_token, default=SDPA_ONLY),
     Arch("BERT", "Language", _text(T.BertForSequenceClassification, T.BertConfig, **ENCODER),
-         _lm_inputs, ("inputs_embeds",), targets.class_logit, trainable=SDPA_ONLY),
+         _lm_inputs, ("inputs_embeds",), targets.class_logit, default=SDPA_ONLY),
     Arch("RoBERTa", "Language", _text(T.RobertaForSequenceClassification, T.RobertaConfig, **ENCODER),
-         _lm_inputs, ("inputs_embeds",), targets.class_logit, trainable=SDPA_ONLY),
+         _lm_inputs, ("inputs_embeds",), targets.class_logit, default=SDPA_ONLY),
     Arch("Llama", "Language", _text(T.LlamaForCausalLM, T.LlamaConfig, **DECODER),
-         _lm_inputs, ("inputs_embeds",), targets.next_token, frozen=SDPA_ONLY, trainable=SDPA_ONLY,
+         _lm_inputs, ("inputs_embeds",), targets.next_token, default=SDPA_ONLY,
          bias_free=True),
     Arch("Qwen3", "Language", _text(T.Qwen3ForCausalLM, T.Qwen3Config, **DECODER),
-         _lm_inputs, ("inputs_embeds",), targets.next_token, frozen=SDPA_ONLY, trainable=SDPA_ONLY,
+         _lm_inputs, ("inputs_embeds",), targets.next_token, default=SDPA_ONLY,
          bias_free=True),
     Arch("Gemma-3 (text)", "Language",
          _text(T.Gemma3ForCausalLM, T.Gemma3TextConfig, sliding_window=4, **DECODER),
-         _lm_inputs, ("inputs_embeds",), targets.next_token, frozen=SDPA_ONLY, trainable=SDPA_ONLY,
+         _lm_inputs, ("inputs_embeds",), targets.next_token, default=SDPA_ONLY,
          bias_free=True),
     Arch("T5", "Language", _text(T.T5ForConditionalGeneration, T.T5Config, num_layers=2, num_decoder_layers=2,
                                  d_model=32, d_kv=8, d_ff=64, num_heads=4, vocab_size=50),
          _seq2seq_inputs, ("inputs_embeds", "decoder_inputs_embeds"), targets.decoder_token, impls=("eager",),
-         trainable="record", bias_free=True),
+         default="record", bias_free=True),
     Arch("ViT", "Vision", _text(T.ViTForImageClassification, T.ViTConfig, num_hidden_layers=2, hidden_size=32,
                                 intermediate_size=64, num_attention_heads=2, image_size=16, patch_size=4,
                                 num_labels=3),
@@ -212,20 +217,19 @@ ARCHS = [
     Arch("SigLIP (vision)", "Vision", _text(T.SiglipVisionModel, T.SiglipVisionConfig, num_hidden_layers=2,
                                             hidden_size=32, intermediate_size=64, num_attention_heads=2,
                                             image_size=16, patch_size=4),
-         _pixels(), ("pixel_values",), lambda y: y.detach().clone(), frozen="none",
+         _pixels(), ("pixel_values",), lambda y: y.detach().clone(), default="none",
          output=lambda out: out.pooler_output),
     Arch("Wav2Vec2", "Audio", _wav2vec2, lambda m: {"input_values": _rand(B, 200)}, ("input_values",),
          targets.class_logit),
     Arch("Whisper", "Audio", _whisper,
          lambda m: {"input_features": _rand(B, 8, 16), "decoder_inputs_embeds": _embeds(m, _ids(m, 4), True)},
-         ("input_features", "decoder_inputs_embeds"), targets.decoder_token, frozen=SDPA_ONLY,
-         trainable=SDPA_ONLY),
+         ("input_features", "decoder_inputs_embeds"), targets.decoder_token, default=SDPA_ONLY),
     Arch("Pix2Struct", "Vision/Language", _pix2struct, _pix2struct_inputs,
          ("flattened_patches", "decoder_inputs_embeds"), targets.decoder_token, impls=("eager",),
-         trainable="record"),
+         default="record"),
     Arch("Mamba", "State Space", _mamba, _lm_inputs, ("inputs_embeds",), targets.next_token, impls=("slow",)),
     Arch("torchvision vit_b_16", "Vision", _tv_vit, _pixels(32), ("pixel_values",), targets.class_logit,
-         impls=("sdpa",), frozen="none", output=lambda out: out, positional=True),
+         impls=("sdpa",), output=lambda out: out, positional=True),
 ]
 CASES = [pytest.param(a, impl, id=f"{a.name.split()[0]}-{impl}") for a in ARCHS for impl in a.impls]
 
@@ -288,35 +292,42 @@ def _close(a, b, rtol):
 
 @pytest.mark.parametrize("arch,impl", CASES)
 def test_architecture(arch: Arch, impl: str):
-    _, y, xs, _, tape = run(arch, impl, tape=True)
+    model, y, xs, _, tape = run(arch, impl, tape=True)
     report = dynlrp.coverage(y)
     assert report.complete, str(report)
     seed = arch.seed(y)
+    untouched = Untouched(model, y, seed, *xs)  # the model and the caller's tensors, checked below
     recorded = {}
-    frozen, trainable = _mode(arch.frozen, impl), _mode(arch.trainable, impl)
-    if frozen != "none":
-        for rules in PRESETS:
-            rels = dynlrp.lrp(y, xs, seed, rules=rules, tape=tape)
-            assert all(r.shape == x.shape and torch.isfinite(r).all() for r, x in zip(rels, xs))
-            recorded[rules] = rels
-        _, y2, xs2, _, _ = run(arch, impl)
-        if frozen == "promise":
-            _close(dynlrp.lrp(y2, xs2, seed, rules="attnlrp"), recorded["attnlrp"], RTOL)
-        else:
+    default = _mode(arch.default, impl)
+    for rules in PRESETS if default != "none" else PRESETS[:-1]:
+        rels = dynlrp.lrp(y, xs, seed, rules=rules, tape=tape, model=model)
+        assert all(r.shape == x.shape and torch.isfinite(r).all() for r, x in zip(rels, xs))
+        recorded[rules] = rels
+    # promise == recorded on the frozen model, its frozen biases read through model=
+    _, y2, xs2, _, _ = run(arch, impl)
+    for rules in PRESETS:
+        if rules is None and default != "promise":
             with pytest.raises(dynlrp.UnrecoverableValueError, match="record"):
-                dynlrp.lrp(y2, xs2, seed, rules="attnlrp")
+                dynlrp.lrp(y2, xs2, seed, rules=rules, model=model)
+        else:
+            _close(dynlrp.lrp(y2, xs2, seed, rules=rules, model=model), recorded[rules], RTOL)
+    # without model=: the same relevance, or an error that points to model=
+    try:
+        got = dynlrp.lrp(y2, xs2, seed, rules="attnlrp")
+    except dynlrp.UnrecoverableValueError as exc:
+        assert "model=" in str(exc)
+    else:
+        _close(got, recorded["attnlrp"], RTOL)
+    untouched.check()
     # promise == recorded with biases, norms and position tables trainable (weights frozen)
     _, y, xs, _, tape = run(arch, impl, trainable=True, tape=True)
+    _, y2, xs2, _, _ = run(arch, impl, trainable=True)
+    untouched = Untouched(model, y, y2, seed, *xs, *xs2)
     for rules in ("attnlrp", "cp_lrp"):
         rec = dynlrp.lrp(y, xs, seed, rules=rules, tape=tape)
         assert all(torch.isfinite(r).all() for r in rec)
-        _, y2, xs2, _, _ = run(arch, impl, trainable=True)
-        if trainable == "promise":
-            _close(dynlrp.lrp(y2, xs2, seed, rules=rules), rec, RTOL)
-        elif rules == "attnlrp":
-            with pytest.raises(dynlrp.UnrecoverableValueError, match="record"):
-                dynlrp.lrp(y2, xs2, seed, rules=rules)
-        recorded.setdefault(rules, rec)
+        _close(dynlrp.lrp(y2, xs2, seed, rules=rules), rec, RTOL)
+    untouched.check()
     if arch.bias_free:
         assert abs(share(recorded["cp_lrp"], seed) - 1) < 0.02
 
@@ -453,14 +464,17 @@ def report() -> str:  # pragma: no cover - documentation helper
     for arch in ARCHS:
         for impl in arch.impls:
             name = f"{arch.name} ({impl})"
-            frozen = _mode(arch.frozen, impl)
-            _, y, xs, _, tape = run(arch, impl, trainable=frozen == "none", tape=True)
+            model, y, xs, _, tape = run(arch, impl, tape=True)
             coverage[name], modality[name] = dynlrp.coverage(y), arch.modality
             seed = arch.seed(y)
-            shares = [share(dynlrp.lrp(y, xs, seed, rules=r, tape=tape), seed) for r in PRESETS]
-            cells = [name, frozen, _mode(arch.trainable, impl), "yes" if arch.bias_free else "no"]
+            shares = [share(dynlrp.lrp(y, xs, seed, rules=r, tape=tape, model=model), seed)
+                      for r in PRESETS[:-1]]
+            if _mode(arch.default, impl) == "none":  # measured with trainable biases
+                _, y, xs, _, tape = run(arch, impl, trainable=True, tape=True)
+            shares.append(share(dynlrp.lrp(y, xs, seed, tape=tape, model=model), seed))
+            cells = [name, "promise", _mode(arch.default, impl), "yes" if arch.bias_free else "no"]
             rows.append("| " + " | ".join(cells + [f"{s:.3f}" for s in shares]) + " |")
-    head = ["| Model (attention) | frozen | trainable biases | bias-free | attnlrp | cp_lrp | default |",
+    head = ["| Model (attention) | presets | default rules | bias-free | attnlrp | cp_lrp | default |",
             "|---|---|---|---|---:|---:|---:|"]
     return dynlrp.CoverageReport.table(coverage, modality) + "\n\n" + "\n".join(head + rows)
 

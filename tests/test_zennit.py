@@ -19,6 +19,7 @@ layer's last convolution with the next layer's first batch norm, which reads a c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import pytest
@@ -26,6 +27,7 @@ import torch
 
 import dynlrp
 from dynlrp.rules import Route
+from models import Untouched
 
 zennit = pytest.importorskip("zennit")
 torchvision = pytest.importorskip("torchvision")
@@ -118,12 +120,13 @@ def setup(name: str, bn_eps: float = 1e-30, size: int | None = None):
 
 
 def ours(model, x, seed, rules, recorded=True):
+    """dynlrp's relevance, recorded or promise mode; checks that the model, the input, the seed and
+    the output are left as they were (:class:`models.Untouched`)."""
     xx = x.clone().requires_grad_(True)
-    if recorded:
-        with dynlrp.record() as tape:
-            y = model(xx)
+    with dynlrp.record() if recorded else contextlib.nullcontext() as tape:
+        y = model(xx)
+    with Untouched(model, xx, seed, y):
         return dynlrp.lrp(y, xx, seed, rules=rules, tape=tape)[0]
-    return dynlrp.lrp(model(xx), xx, seed, rules=rules)[0]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

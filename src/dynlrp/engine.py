@@ -6,10 +6,23 @@ sums the relevance that arrived (appendix E), asks the rule set for the node's r
 the forward values the rule needs from a resolver -- the Promise System
 (:mod:`dynlrp.promise`) or a tape (:mod:`dynlrp.record`) -- and passes the rule's output on
 to the node's inputs. The engine never names an op.
+
+**Relevance per unit of value.** Some forward values nothing can rebuild: a sum with a
+constant autograd never saw (eager attention's ``scores + mask``, BERT's ``embeddings +
+positions + token types``, a frozen bias added on its own) has an output that no node saved.
+Rules of the epsilon family use such a value only as a final factor of their result
+(``R_i = v_i * H_i``) or only to divide the relevance they receive (``R / z``). So where a
+value is unknown, the rule at its consumer passes ``G = H_i``, relevance *per unit* of the
+value (:class:`PerUnit`); ops that only move values route ``G`` on; and the rule at the
+producer, which would compute ``R / z = v * G / v``, uses ``G`` itself. The unknown value
+cancels exactly (Rule.factors, Rule.per_unit); wherever it is known, or at a requested
+input, ``R = v * G`` is formed. A rule that declares neither gets the usual
+:class:`~dynlrp.errors.UnrecoverableValueError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import warnings
@@ -21,18 +34,23 @@ from typing import Any
 import torch
 
 from . import ops, presets
+from .dtypes import compute_dtype
 from .errors import GraphError, LRPError, NonFiniteRelevanceError, UnknownOpError, UnrecoverableValueError
 from .graph import GNode, Graph, build
 from .ops import Value
 from .plan import Plan, PlanMismatch, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
-from .saved import apply_node, num_outputs, output_meta
+from .rules import linear_in
+from .saved import apply_node
 from .values import Parameters, Resolver
 
 
 class RuleContext:
     """What a rule sees at one node: relevance, forward values on demand, the adjoint."""
+
+    __slots__ = ("gn", "node", "entry", "kind", "relevances", "relevance", "num_inputs", "_graph",
+                 "_resolver", "graph_inputs", "reaching", "_values", "fused")
 
     def __init__(self, gn: GNode, entry: ops.OpEntry, graph: Graph, relevances: list, resolver: Resolver,
                  fused: int | None = None):
@@ -45,32 +63,45 @@ class RuleContext:
         self.num_inputs = len(gn.inputs)
         self._graph = graph
         self._resolver = resolver
-        self.graph_inputs = tuple(s for s, e in enumerate(gn.inputs) if e is not None)
-        self.reaching = tuple(s for s in self.graph_inputs if graph.nodes[gn.inputs[s][0]].reaches)
+        self.graph_inputs = gn.graph_inputs
+        self.reaching = gn.reaching
         self._values: dict[Any, Value] = {}
         self.fused = fused  # canonization: the channel-wise affine node folded into this one
 
     def value_of_input(self, slot: int) -> Value:
-        if slot not in self._values:
-            self._values[slot] = self._resolver.input(self.gn.index, slot)
-        return self._values[slot]
+        v = self._values.get(slot)
+        if v is None:  # (every resolver answers from its memo first)
+            edge = self.gn.inputs[slot]
+            v = self._resolver.memo.get(edge) or self._resolver.value(edge, self.gn.index)
+            self._values[slot] = v
+        return v
 
     def value_of_output(self) -> Value:
-        if "out" not in self._values:
+        v = self._values.get("out")
+        if v is None:
             node = self.gn.index if self.fused is None else self.fused
-            self._values["out"] = self._resolver.output(node, 0)
-        return self._values["out"]
+            v = self._resolver.memo.get((node, 0)) or self._resolver.output(node, 0)
+            self._values["out"] = v
+        return v
 
     def input(self, slot: int) -> torch.Tensor:
         return self.value_of_input(slot).tensor
+
+    def assume_unit(self, key: int | str) -> None:
+        """Make input ``key`` (or the output, ``"out"``) read as ones: see :class:`PerUnit`."""
+        shape, dtype, device = self.gn.meta(0) if key == "out" else self._edge_meta(key)
+        self._values[key] = Value(torch.ones(shape, dtype=dtype, device=device))
+
+    def _edge_meta(self, slot: int) -> tuple:
+        child, k = self.gn.inputs[slot]
+        return self._graph.nodes[child].meta(k)
 
     @property
     def output(self) -> torch.Tensor:
         return self.value_of_output().tensor
 
     def input_shape(self, slot: int) -> torch.Size:
-        child, k = self.gn.inputs[slot]
-        return output_meta(self._graph.nodes[child].fn, k)[0]
+        return self._edge_meta(slot)[0]
 
     def forward(self, xs: list) -> torch.Tensor:
         out = self.entry.forward(self.node, xs)
@@ -81,14 +112,26 @@ class RuleContext:
         if self.fused is not None:  # a channel-wise map is diagonal: it is its own adjoint
             fused = self._fused_affine()
             grads = [fused.linear(grads[0], fused.weight), *grads[1:]]
-        out = apply_node(self.node, grads)
+        gn = self.gn
+        meta = gn.meta
+        if all(g is None or g.dtype == meta(k)[1] for k, g in enumerate(grads)):
+            out = apply_node(self.node, grads)
+        else:  # float16 nodes, float32 grads
+            dtypes = [meta(k)[1] for k in range(len(grads))]
+            out = linear_in(dtypes, lambda *g: apply_node(self.node, list(g)), grads)
         # Called directly, a node does not sum a broadcast gradient back to its operand's
         # shape (autograd's engine does that): do it here.
-        return tuple(
-            g if g is None or self.gn.inputs[s] is None or g.shape == (shape := self.input_shape(s))
-            else g.sum_to_size(shape)
-            for s, g in enumerate(out)
-        )
+        inputs, nodes = gn.inputs, self._graph.nodes
+        fixed = None
+        for s, g in enumerate(out):
+            if g is None or (e := inputs[s]) is None:
+                continue
+            shape = nodes[e[0]].meta(e[1])[0]
+            if g.shape != shape:
+                if fixed is None:
+                    fixed = list(out)
+                fixed[s] = g.sum_to_size(shape)
+        return out if fixed is None else tuple(fixed)
 
     def vjp(self, grad: torch.Tensor) -> tuple:
         grads = [grad] + [None] * (len(self.relevances) - 1)
@@ -114,7 +157,20 @@ class RuleContext:
                 f"{self.gn.name} is not an affine map with a weight (its op entry has no `affine` view "
                 "for this input), so rules that modify weights do not apply; use Epsilon or Norm here"
             )
+        view = self._with_bias(view)
         return view if self.fused is None else ops.fold(view, self._fused_affine())
+
+    def _with_bias(self, view: ops.Affine) -> ops.Affine:
+        """``view`` with a frozen bias autograd never saw, read from the model when it is passed
+        (``model=``); without it rules use ``z - W x``, which needs the output ``z``."""
+        params = self._resolver.params
+        if view.bias_known or view.place_bias is None or params is None:
+            return view
+        bias = params.bias_for(view.params[0] if view.params else view.weight)
+        if bias is None:
+            return view
+        return dataclasses.replace(view, bias=view.place_bias(bias), bias_known=True,
+                                   params=(*view.params, bias), place_bias=None)
 
     def _fused_affine(self) -> ops.Affine:
         fn = self._graph.nodes[self.fused]
@@ -123,7 +179,7 @@ class RuleContext:
         if view is None or not view.channelwise:
             raise LRPError(f"{fn.name} can no longer be folded into {self.gn.name} (training mode?); "
                            "use a new LRP engine or `cache=False`")
-        return view
+        return self._with_bias(view)
 
 
 def _as_tuple(x: Any, what: str) -> tuple:
@@ -204,7 +260,7 @@ class LRP:
 
         def run(check_each: bool, plan: Plan | None) -> tuple[list, Resolver]:
             if tape is not None:
-                resolver: Resolver = TapeResolver(graph, outputs, inputs, tape)
+                resolver: Resolver = TapeResolver(graph, outputs, inputs, tape, params)
             elif plan is not None:
                 resolver = PlannedResolver(graph, outputs, inputs, plan, params)
             else:
@@ -229,9 +285,13 @@ class LRP:
                 self.plans[signature] = Plan(signature, entries, rules, resolver.how, resolver.stats())
                 while len(self.plans) > self.max_plans:
                     self.plans.popitem(last=False)
-        return tuple(
-            torch.zeros_like(x) if r is None else r.to(x.dtype) for x, r in zip(inputs, result)
-        )
+        out = tuple(torch.zeros_like(x) if r is None else r.to(x.dtype) for x, r in zip(inputs, result))
+        if self.check_finite and any(not torch.isfinite(r).all() for r, x in zip(out, result) if x is not None
+                                     and r.dtype != x.dtype):
+            raise NonFiniteRelevanceError(
+                "the relevance does not fit the inputs' dtype (it was computed in float32 and overflows "
+                "when cast back); explain float32 inputs, or scale the seed down")
+        return out
 
     def _seeds(self, outputs: tuple, relevance: Any) -> list[torch.Tensor]:
         if relevance is None:
@@ -247,7 +307,7 @@ class LRP:
                 )
             if self.check_finite and not torch.isfinite(r).all():
                 raise NonFiniteRelevanceError(f"relevance[{pos}] (the seed) contains NaN or inf")
-        return [r.detach().to(y.dtype) for y, r in zip(outputs, seeds)]
+        return [r.detach().to(compute_dtype(y.dtype)) for y, r in zip(outputs, seeds)]
 
     def _entries(self, graph: Graph) -> dict[int, ops.OpEntry]:
         entries: dict[int, ops.OpEntry] = {}
@@ -277,44 +337,84 @@ class LRP:
         for edge, seed in zip(graph.roots, seeds):
             _accumulate(pending, edge, seed)
         found: dict[tuple[int, int], torch.Tensor] = {}
-        wanted = set(graph.targets)
+        wanted = {t[0] for t in graph.targets}
         nodes = graph.nodes
+        processed = resolver.processed
+        pop = pending.pop
+        rule_at = self.rules.rule_at
         for i in graph.order:
             gn = nodes[i]
-            rels = [pending.pop((i, k), None) for k in range(_num_outputs(gn))]
-            for k, r in enumerate(rels):
-                if (i, k) in wanted:
-                    found[(i, k)] = r
+            nout = gn.num_outputs
+            rels = [pop((i, 0), None)] if nout == 1 else [pop((i, k), None) for k in range(nout)]
+            if i in wanted:
+                for k, r in enumerate(rels):
+                    if (i, k) in graph.targets:
+                        found[(i, k)] = r
             if gn.is_leaf or all(r is None for r in rels):
-                resolver.processed[i] = True
+                processed[i] = True
+                resolver.done(i)
                 continue
-            rels = [r if r is not None else _zeros(gn, k) for k, r in enumerate(rels)]
             entry = entries[i]
             rule = rules.get(i)
             if rule is None:
-                rule = rules[i] = self.rules.rule_at(graph, gn, entry)
-            ctx = RuleContext(gn, entry, graph, rels, resolver, fused=rule.fused)
-            out = self._apply(rule, ctx, gn, check_each)
-            resolver.processed[i] = True
+                rule = rules[i] = rule_at(graph, gn, entry)
+            per_unit, extras, plain = None, None, None
+            if any(type(r) is PerUnit for r in rels):
+                rels, extras, per_unit = _per_unit_in(rule, gn, entry, graph, rels, resolver)
+            if any(r is None for r in rels):  # (not `None in rels`: that compares tensors)
+                rels = [r if r is not None else _zeros(gn, k) for k, r in enumerate(rels)]
+            out, units = self._apply(rule, RuleContext(gn, entry, graph, rels, resolver, rule.fused), gn,
+                                     check_each, per_unit)
+            if extras is not None:  # ordinary relevance routed alongside the per-unit part
+                extras = [r if r is not None else _zeros(gn, k) for k, r in enumerate(extras)]
+                plain, _ = self._apply(rule, RuleContext(gn, entry, graph, extras, resolver), gn, check_each)
+            del rels
+            processed[i] = True
+            inputs = gn.inputs
             for slot, r in enumerate(out):
-                e = gn.inputs[slot]
-                if r is None or e is None or not nodes[e[0]].reaches:
+                if r is None or (e := inputs[slot]) is None:
                     continue
-                dtype = output_meta(nodes[e[0]].fn, e[1])[1]
-                _accumulate(pending, e, r if r.dtype == dtype else r.to(dtype))
-        return [found.get(t) for t in graph.targets]
+                child = nodes[e[0]]
+                if not child.reaches:
+                    continue
+                dtype = compute_dtype(child.meta(e[1])[1])  # float32 for half
+                if r.dtype != dtype:
+                    r = r.to(dtype)
+                if slot in units:
+                    extra = None if plain is None or plain[slot] is None else plain[slot].to(dtype)
+                    r = PerUnit(r, extra)
+                _accumulate(pending, e, r)
+            resolver.done(i)
+        return [_settled(found.get(t), resolver, t) for t in graph.targets]
 
-    def _apply(self, rule, ctx: RuleContext, gn: GNode, check_each: bool) -> list:
+    def _apply(self, rule, ctx: RuleContext, gn: GNode, check_each: bool,
+               per_unit: str | None = None) -> tuple[list, tuple[int, ...]]:
+        """Run ``rule`` at ``gn``; return its relevances and the inputs they are per unit of.
+
+        ``per_unit`` (``"divides"`` or ``"routes"``) says that the relevance arriving is per
+        unit of an output value nothing can rebuild (see :class:`PerUnit`)."""
         needs = rule.needs(ctx)
         partial = []
+        units: tuple[int, ...] = ()
         for slot in needs.inputs:
-            v = ctx.value_of_input(slot)
+            try:
+                v = ctx.value_of_input(slot)
+            except UnrecoverableValueError:
+                if slot not in rule.factors(ctx):
+                    raise
+                ctx.assume_unit(slot)
+                units += (slot,)
+                continue
             if not v.exact:
                 partial.append(v.mask)
-        if needs.output:
+        if per_unit == "divides":
+            ctx.assume_unit("out")
+        elif needs.output:
             v = ctx.value_of_output()
             if not v.exact:
                 partial.append(v.mask)
+        if per_unit == "routes":
+            units = tuple(range(ctx.num_inputs))
         if partial:
             _check_partial(ctx, partial, gn)
         out = rule(ctx)
@@ -325,19 +425,105 @@ class LRP:
                         f"the {type(rule).__name__} rule at {gn.name} produced NaN or inf "
                         f"relevance for its input {slot}"
                     )
-        return list(out)
+        return list(out), units
+
+
+class PerUnit:
+    """Relevance per unit of forward value: ``R = v * g`` for the edge's value ``v``.
+
+    ``extra`` holds ordinary relevance that arrived at the same edge from other consumers;
+    the two can only be added once ``v`` is known (:meth:`settle`).
+    """
+
+    __slots__ = ("g", "extra")
+
+    def __init__(self, g: torch.Tensor, extra: torch.Tensor | None = None) -> None:
+        self.g = g
+        self.extra = extra
+
+    def __add__(self, other: Any) -> PerUnit:
+        if isinstance(other, PerUnit):
+            extra = other.extra if self.extra is None else (
+                self.extra if other.extra is None else self.extra + other.extra)
+            return PerUnit(self.g + other.g, extra)
+        return PerUnit(self.g, other if self.extra is None else self.extra + other)
+
+    __radd__ = __add__
+
+    def settle(self, resolver: Resolver, edge: tuple[int, int]) -> torch.Tensor:
+        """``v * g + extra``, with ``v`` from the resolver; raises where ``v`` is unknown.
+
+        A value known on a mask only serves where ``g`` is zero outside it."""
+        v = resolver.value(edge, edge[0])
+        if v.exact:
+            r = v.tensor * self.g
+        elif not (self.g[~v.mask] != 0).any():
+            r = torch.where(v.mask, v.tensor * self.g, torch.zeros_like(self.g))
+        else:
+            raise _unknown(resolver, edge)
+        return r if self.extra is None else r + self.extra
+
+    def per_unit(self, resolver: Resolver, edge: tuple[int, int]) -> torch.Tensor:
+        """All of it per unit: ``g + extra / v``, where ``extra`` lies where ``v`` is known and
+        nonzero (a tensor whose parts other consumers saved); raises otherwise."""
+        if self.extra is None:
+            return self.g
+        v = resolver.value(edge, edge[0])
+        live = self.extra != 0
+        known = live if v.exact else live & v.mask
+        if (known != live).any() or (v.tensor[live] == 0).any():
+            raise _unknown(resolver, edge)
+        safe = torch.where(live, v.tensor, torch.ones_like(v.tensor))
+        return self.g + torch.where(live, self.extra / safe, torch.zeros_like(self.g))
+
+
+def _unknown(resolver: Resolver, edge: tuple[int, int]) -> UnrecoverableValueError:
+    name = resolver.graph.nodes[edge[0]].name
+    return UnrecoverableValueError(
+        f"the relevance at the output of {name} needs its value where the graph does not know it. "
+        "Pass the model (`model=`) or record the forward pass: "
+        "`with dynlrp.record() as tape: y = model(x)` then `dynlrp.lrp(y, x, tape=tape)`."
+    )
+
+
+def _settled(r: Any, resolver: Resolver, edge: tuple[int, int]) -> Any:
+    return r.settle(resolver, edge) if isinstance(r, PerUnit) else r
+
+
+def _per_unit_in(rule, gn: GNode, entry: ops.OpEntry, graph: Graph, rels: list,
+                 resolver: Resolver) -> tuple[list, list | None, str | None]:
+    """Relevance arrived per unit of ``gn``'s output(s): ``(relevances, ordinary parts, mode)``.
+
+    A routing rule (``"routes"``) passes the per-unit part on as it is, and the ordinary part
+    that arrived with it separately. Otherwise relevance becomes ordinary where the output
+    can be rebuilt, and a rule that only divides by the output (``"divides"``) takes the
+    per-unit part as ``R / z`` where it cannot."""
+    probe = RuleContext(gn, entry, graph, [r if r is not None else _zeros(gn, k) for k, r in enumerate(rels)],
+                        resolver, fused=rule.fused)
+    mode = rule.per_unit(probe)
+    if mode == "routes" and all(r is None or isinstance(r, PerUnit) for r in rels):
+        extras = [None if r is None else r.extra for r in rels]
+        return [None if r is None else r.g for r in rels], (None if all(
+            x is None for x in extras) else extras), mode
+    try:
+        return [_settled(r, resolver, (gn.index, k)) for k, r in enumerate(rels)], None, None
+    except UnrecoverableValueError:
+        if mode != "divides" or len(rels) != 1:
+            raise
+    return [rels[0].per_unit(resolver, (gn.index, 0))], None, mode
 
 
 def _check_partial(ctx: RuleContext, masks: list, gn: GNode) -> None:
     """A value known only on a mask serves where no relevance flows outside it."""
     r = ctx.relevance
-    for mask in masks:
-        if mask.shape != r.shape or (r[~mask] != 0).any():
+    for mask in masks:  # (r outside the mask, as one masked_fill: no boolean indexing)
+        if mask.shape != r.shape or r.masked_fill(mask, 0).any():
             raise _partial_error(gn)
     # Fill the unknown positions so that rules see finite numbers (their relevance is 0).
     for key, v in list(ctx._values.items()):
         if not v.exact:
-            ctx._values[key] = Value(torch.where(v.mask, v.tensor, torch.ones_like(v.tensor)))
+            one = torch.ones((), dtype=v.tensor.dtype, device=v.tensor.device)
+            ctx._values[key] = Value(torch.where(v.mask, v.tensor, one))
 
 
 def _partial_error(gn: GNode) -> UnrecoverableValueError:
@@ -348,13 +534,9 @@ def _partial_error(gn: GNode) -> UnrecoverableValueError:
     )
 
 
-def _num_outputs(gn: GNode) -> int:
-    return num_outputs(gn.fn)
-
-
 def _zeros(gn: GNode, k: int) -> torch.Tensor:
-    shape, dtype, device = output_meta(gn.fn, k)
-    return torch.zeros(shape, dtype=dtype, device=device)
+    shape, dtype, device = gn.meta(k)
+    return torch.zeros(shape, dtype=compute_dtype(dtype), device=device)
 
 
 _recursion_lock = threading.Lock()

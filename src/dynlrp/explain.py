@@ -45,6 +45,7 @@ from . import presets
 from .engine import LRP
 from .errors import GraphError, UnrecoverableValueError
 from .record import record
+from .targets import last_positions
 
 Target = int | torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 LatentSpec = nn.Module | str | Callable[[Any], torch.Tensor]
@@ -483,7 +484,7 @@ def _seed(
     rows = torch.arange(batch, device=y.device)
     # the explained position of a sequence output: the last (real, with an attention mask) token
     if y.dim() == 3 and attention_mask is not None and tuple(attention_mask.shape) == tuple(y.shape[:2]):
-        position: tuple = (rows, _last_real(attention_mask).to(y.device))
+        position: tuple = (rows, last_positions(attention_mask).to(y.device))
     else:
         position = (rows,) + (-1,) * (y.dim() - 2)
     scores = y.detach()[position]
@@ -506,13 +507,6 @@ def _seed(
     seed = torch.zeros_like(y.detach())
     seed[(*position, idx)] = scores[rows, idx]
     return y, seed, idx
-
-
-def _last_real(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per example, the index of the last token whose mask is 1 (left or right padding)."""
-    mask = attention_mask.detach().bool()
-    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-    return torch.where(mask, positions, -1).amax(-1).clamp_min(0)
 
 
 def _per_example(t: torch.Tensor, batch: int) -> torch.Tensor:

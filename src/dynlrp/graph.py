@@ -11,31 +11,50 @@ of its consumers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .errors import GraphError
-from .saved import leaf_variable, node_name
+from .saved import leaf_variable, node_name, num_outputs, output_meta
 
 Edge = tuple[int, int]  # (node index, output index)
 
 
-@dataclass(eq=False)
 class GNode:
-    """One autograd node in the auxiliary graph."""
+    """One autograd node in the auxiliary graph.
 
-    fn: Any
-    name: str
-    index: int
-    inputs: list[Edge | None] = field(default_factory=list)
-    consumers: list[tuple[int, int]] = field(default_factory=list)  # (consumer, input slot)
-    reaches: bool = False
+    Besides the structure, a node caches facts the traversal asks for at every visit:
+    ``is_leaf``, ``graph_inputs`` (input slots with an edge), ``reaching`` (those whose child
+    leads to a requested input; set by :func:`build`) and its outputs' metadata
+    (:meth:`meta`)."""
 
-    @property
-    def is_leaf(self) -> bool:
-        return leaf_variable(self.fn) is not None
+    __slots__ = ("fn", "name", "index", "inputs", "consumers", "reaches", "is_leaf", "num_outputs",
+                 "graph_inputs", "reaching", "_meta")
+
+    def __init__(self, fn: Any, name: str, index: int, is_leaf: bool = False, outputs: int = 1) -> None:
+        self.fn = fn
+        self.name = name
+        self.index = index
+        self.inputs: list[Edge | None] = []
+        self.consumers: list[tuple[int, int]] = []  # (consumer, input slot)
+        self.reaches = False
+        self.is_leaf = is_leaf
+        self.num_outputs = outputs  # forward outputs
+        self.graph_inputs: tuple[int, ...] = ()
+        self.reaching: tuple[int, ...] = ()
+        self._meta: list | None = None
+
+    def meta(self, k: int = 0) -> tuple[torch.Size, torch.dtype, torch.device]:
+        """Shape, dtype and device of forward output ``k`` (read once, then cached)."""
+        metas = self._meta
+        if metas is None:
+            metas = self._meta = [output_meta(self.fn, j) for j in range(self.num_outputs)]
+        return metas[k]
+
+    def __repr__(self) -> str:
+        return f"GNode({self.index}, {self.name}, inputs={self.inputs})"
 
 
 @dataclass(eq=False)
@@ -58,24 +77,30 @@ class Graph:
 def _walk(root_fns: list[Any]) -> tuple[list[GNode], dict[Any, int]]:
     index: dict[Any, int] = {}
     nodes: list[GNode] = []
+    edges: list[tuple] = []  # each node's next_functions, read once
     stack = [fn for fn in root_fns]
     while stack:
         fn = stack.pop()
         if fn in index:
             continue
         index[fn] = len(nodes)
-        nodes.append(GNode(fn, node_name(fn), len(nodes)))
-        for child, _ in fn.next_functions:
+        nexts = fn.next_functions
+        leaf = leaf_variable(fn) is not None
+        nodes.append(GNode(fn, node_name(fn), len(nodes), leaf, 1 if leaf else num_outputs(fn)))
+        edges.append(nexts)
+        for child, _ in nexts:
             if child is not None and child not in index:
                 stack.append(child)
-    for gn in nodes:
-        for slot, (child, k) in enumerate(gn.fn.next_functions):
+    for gn, nexts in zip(nodes, edges):
+        inputs = gn.inputs
+        for slot, (child, k) in enumerate(nexts):
             if child is None:
-                gn.inputs.append(None)
+                inputs.append(None)
             else:
                 c = index[child]
-                gn.inputs.append((c, k))
+                inputs.append((c, k))
                 nodes[c].consumers.append((gn.index, slot))
+        gn.graph_inputs = tuple(s for s, e in enumerate(inputs) if e is not None)
     return nodes, index
 
 
@@ -139,7 +164,8 @@ def build(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Gr
     order = _topological(nodes, roots)
     for i in reversed(order):
         gn = nodes[i]
-        gn.reaches = i in target_nodes or any(e is not None and nodes[e[0]].reaches for e in gn.inputs)
+        gn.reaching = tuple(s for s in gn.graph_inputs if nodes[gn.inputs[s][0]].reaches)
+        gn.reaches = i in target_nodes or bool(gn.reaching)
     graph = Graph(nodes, roots, targets, [i for i in order if nodes[i].reaches])
     graph._index = index
     return graph

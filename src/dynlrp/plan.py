@@ -17,7 +17,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, replay, tap_value
+from .values import Resolver, merge, replay, tap_value
 
 
 class PlanMismatch(Exception):
@@ -76,13 +76,17 @@ class PlannedResolver(Resolver):
                 self.memo.setdefault((gn.index, j), Value(o.detach()))
             return self.memo[edge]
         elif kind == "inverse":
-            consumer, slot = how[1], how[2]
-            cn = self.graph.nodes[consumer]
-            out = self._get((consumer, 0))
-            xs = [None if (e is None or s == slot) else self._exact(e) for s, e in enumerate(cn.inputs)]
-            value = lookup(cn.name).inverse(cn.fn, out, xs).get(slot)
-            if value is None:
-                raise PlanMismatch(f"{cn.name} could not be inverted")
+            value = None
+            for consumer, slot in how[1]:
+                cn = self.graph.nodes[consumer]
+                out = self._get((consumer, 0))
+                xs = [None if (e is None or s == slot) else self._exact(e) for s, e in enumerate(cn.inputs)]
+                got = lookup(cn.name).inverse(cn.fn, out, xs).get(slot)
+                if got is None:
+                    raise PlanMismatch(f"{cn.name} could not be inverted")
+                value = merge(value, got)
+        elif kind == "unknown":  # no source: relevance goes per unit there (dynlrp.engine)
+            raise UnrecoverableValueError(f"the output of {gn.name} cannot be rebuilt (as planned)")
         else:  # "given": the caller's tensors are always in the memo
             raise UnrecoverableValueError(f"the plan expects a tensor the caller did not pass: {edge}")
         self.memo[edge] = value

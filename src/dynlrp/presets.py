@@ -122,6 +122,8 @@ class _GraphView:
     folded: set[int] = field(default_factory=set)
     modules: dict[int, tuple[str, torch.nn.Module] | None] = field(default_factory=dict)
     owners: dict[int, tuple[str, torch.nn.Module]] | None = None  # data_ptr -> module
+    selectors: list | None = None  # the mapping's Module(...) / First(...) keys, last first
+    by_name: dict[tuple[str, str], R.Rule | None] = field(default_factory=dict)  # rule_for, memo
 
 
 _PASS = R.Pass()
@@ -195,7 +197,15 @@ class RuleSet:
         return rule
 
     def _select(self, view: _GraphView, graph: Any, gn: Any, entry: ops.OpEntry) -> R.Rule | None:
-        selectors = [(k, r) for k, r in reversed(self.mapping.items()) if not isinstance(k, str)]
+        selectors = view.selectors
+        if selectors is None:
+            selectors = view.selectors = [(k, r) for k, r in reversed(self.mapping.items())
+                                          if not isinstance(k, str)]
+        if not selectors:  # by op name, group or kind only: the same for every node of a type
+            key = (gn.name, entry.kind)
+            if key not in view.by_name:
+                view.by_name[key] = self.rule_for(gn.name, entry.kind, gn.fn)
+            return view.by_name[key]
         module = None
         if any(isinstance(k, Module) for k, _ in selectors):
             module = self._module_of(view, graph, gn, entry)

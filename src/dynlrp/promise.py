@@ -36,7 +36,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, replay, tap_value
+from .values import Resolver, merge, replay, tap_value
 
 
 @dataclass(eq=False)
@@ -126,6 +126,7 @@ class PromiseResolver(Resolver):
         slot = inputs.index(edge) if edge in inputs else -1  # -1: the origin's own output
         value = self._walk(branch, edge, came_from=promise.origin, slot=slot)
         if value is None:
+            self.how[edge] = ("unknown",)  # the plan remembers it: rules may go per unit
             raise self._unrecoverable(promise.origin, edge)
         return value
 
@@ -183,7 +184,8 @@ class PromiseResolver(Resolver):
         entry = lookup(gn.name)
         if entry is None or entry.forward is None:
             return None
-        missing = [s for s, e in enumerate(gn.inputs) if e is not None and self.direct(e) is None]
+        found = [None if e is None else self.direct(e) for e in gn.inputs]  # asked once per input
+        missing = [s for s, e in enumerate(gn.inputs) if e is not None and found[s] is None]
         xs: list = [None] * len(gn.inputs)
         child_promise = Promise(gn.index, parent=branch) if len(missing) > 1 else None
         if child_promise is not None:
@@ -198,7 +200,7 @@ class PromiseResolver(Resolver):
                     child_promise.branches.append(sub)
                 v = self._walk(sub, e, came_from=gn.index, slot=s)
             else:
-                v = self._ends_at(branch, e, self.direct(e), (gn.index, s))
+                v = self._ends_at(branch, e, found[s], (gn.index, s))
             if v is None or not v.exact:
                 return None
             xs[s] = v.tensor
@@ -216,6 +218,7 @@ class PromiseResolver(Resolver):
 
     def _invert(self, branch: PromiseBranch, edge: Edge) -> Value | None:
         i, _ = edge
+        found, used = None, []
         for consumer, slot in self.graph.nodes[i].consumers:
             cn = self.graph.nodes[consumer]
             entry = lookup(cn.name)
@@ -230,12 +233,16 @@ class PromiseResolver(Resolver):
                     v = self._walk(branch, e, came_from=consumer, slot=s)
                     xs[s] = None if v is None or not v.exact else v.tensor
             got = entry.inverse(cn.fn, out, xs).get(slot)
-            if got is not None:
-                self.inversions += 1
-                self.memo[edge] = got
-                self.how[edge] = ("inverse", consumer, slot)
-                return got
-        return None
+            if got is not None:  # consumers that each know a part: combined
+                found = merge(found, got)
+                used.append((consumer, slot))
+                if found.exact:
+                    break
+        if found is not None:
+            self.inversions += 1
+            self.memo[edge] = found
+            self.how[edge] = ("inverse", tuple(used))
+        return found
 
     def _unrecoverable(self, origin: int, edge: Edge) -> UnrecoverableValueError:
         nodes = self.graph.nodes

@@ -24,7 +24,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver
+from .values import Resolver, merge, replay, tap_value
 
 
 class Tape(TorchFunctionMode):
@@ -63,8 +63,8 @@ def record() -> Tape:
 class TapeResolver(Resolver):
     """Forward values from a tape; unrecorded inner nodes are derived, never promised."""
 
-    def __init__(self, graph, outputs, inputs, tape: Tape):
-        super().__init__(graph, outputs, inputs)
+    def __init__(self, graph, outputs, inputs, tape: Tape, params=None):
+        super().__init__(graph, outputs, inputs, params)
         self.tape = tape
         self._busy: set[Edge] = set()
 
@@ -87,6 +87,8 @@ class TapeResolver(Resolver):
         gn = self.graph.nodes[i]
         var = leaf_variable(gn.fn)
         recorded = var.detach() if var is not None else self.tape.values.get((gn.fn, k))
+        if recorded is None:  # what autograd saved is as exact as the tape (inside functions
+            recorded = self._saved(edge)  # that hide their inner calls from the tape)
         if recorded is not None:
             self.memo[edge] = Value(recorded)
             return self.memo[edge]
@@ -99,6 +101,20 @@ class TapeResolver(Resolver):
             self.memo[edge] = got
         return got
 
+    def _saved(self, edge: Edge) -> torch.Tensor | None:
+        """The value from the node's own saved tensors or a consumer's saved input."""
+        gn = self.graph.nodes[edge[0]]
+        entry = lookup(gn.name)
+        own = entry.own(gn.fn) if entry is not None and edge[1] == 0 else None
+        if own is not None:
+            return own.detach()
+        for consumer, slot in gn.consumers:
+            if self.graph.nodes[consumer].inputs[slot] == edge:
+                tapped = tap_value(self.graph, consumer, slot)
+                if tapped is not None:
+                    return tapped
+        return None
+
     def _from_inputs(self, gn, k: int) -> Value | None:
         entry = lookup(gn.name)
         if entry is None or entry.forward is None:
@@ -110,13 +126,14 @@ class TapeResolver(Resolver):
                 return None
             xs.append(None if v is None else v.tensor)
         try:
-            out = entry.forward(gn.fn, xs)
+            out = replay(entry, gn.fn, xs, self.params)
         except MissingOperand:
             return None
         outs = out if isinstance(out, (tuple, list)) else (out,)
         return Value(outs[k].detach())
 
     def _from_consumers(self, edge: Edge) -> Value | None:
+        found = None
         for consumer, slot in self.graph.nodes[edge[0]].consumers:
             cn = self.graph.nodes[consumer]
             entry = lookup(cn.name)
@@ -128,9 +145,11 @@ class TapeResolver(Resolver):
             xs = [None if (e is None or s == slot) else _exact(self._get(e))
                   for s, e in enumerate(cn.inputs)]
             got = entry.inverse(cn.fn, out, xs).get(slot)
-            if got is not None:
-                return got
-        return None
+            if got is not None:  # consumers that each know a part: combined
+                found = merge(found, got)
+                if found.exact:
+                    break
+        return found
 
 
 def _exact(v: Value | None):

@@ -21,10 +21,13 @@ Zennit 0.5.1 (Anders et al. 2021), valid for inputs and weights of either sign.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+from .dtypes import compute_dtype
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import RuleContext
@@ -32,10 +35,108 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
-    """``z + eps * sign(z)`` with ``sign(0) = +1``: the epsilon stabiliser of paper Eq. 4."""
+    """The epsilon stabiliser of paper Eq. 4, ``z + eps * sign(z)`` with ``sign(0) = +1``,
+    scaled to the dtype ``d`` that ``z`` was computed in.
+
+    The result is in ``c = compute_dtype(d)`` (float32 for float16 and bfloat16, else ``d``),
+    the dtype the engine carries relevance in, so ``R / stab(z)`` neither overflows nor loses
+    the stabiliser to rounding::
+
+        stab(z) = sign(z) * max(|z| + eps, tiny_d)      (eps > 0, sign(0) = +1)
+        stab(z) = z,  with z = 0 replaced by 1            (eps = 0)
+
+    where ``tiny_d = torch.finfo(d).tiny`` is the smallest normal number of ``d``: the
+    denominator's magnitude is floored there. Below it a value of ``d`` is subnormal or flushed
+    to zero: it has lost its relative precision, so a smaller denominator would only divide by
+    rounding noise (and for float16 ``eps = 1e-6`` is itself subnormal: ``R / eps`` overflowed
+    float16's range of 65504 before relevance was carried in float32). The floor is ``6.1e-5``
+    for float16, and only denominators below it change; for bfloat16 (``1.2e-38``), float32
+    and float64 it is far below any usual ``eps`` and ``stab`` is the textbook formula
+    ``z + eps * sign(z)``, as it is for every dtype once ``eps >= tiny_d``. ``eps = 0`` (LRP-0, proportional
+    sharing) is left exact: in ``c`` the ratio stays finite, and relevance is cast back to the
+    input's dtype only at the end (:class:`dynlrp.LRP` raises
+    :class:`~dynlrp.errors.NonFiniteRelevanceError` if it does not fit).
+
+    Parameters
+    ----------
+    z
+        Denominators, any floating dtype.
+    eps
+        The stabiliser (``>= 0``).
+
+    Returns
+    -------
+    torch.Tensor
+        The stabilised denominators, in ``compute_dtype(z.dtype)``.
+    """
+    c, tiny = compute_dtype(z.dtype), torch.finfo(z.dtype).tiny
+    if z.dtype != c:
+        z = z.to(c)
     if eps == 0:
-        return torch.where(z == 0, torch.ones_like(z), z)
-    return torch.where(z >= 0, z + eps, z - eps)  # python scalars keep z's dtype and precision
+        zero, one, _ = _constants(z, 0.0)
+        return torch.where(z.eq(zero), one, z)
+    if eps >= tiny:  # float32 and float64 with any usual eps: the textbook formula,
+        # as z + where(z >= 0, eps, -eps): the same sums, in three kernels instead of four
+        zero, pos, neg = _constants(z, eps)
+        return torch.where(z.ge(zero), pos, neg).add_(z)
+    return torch.where(z >= 0, (z + eps).clamp(min=tiny), (z - eps).clamp(max=-tiny))
+
+
+_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _constants(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(0, eps, -eps)`` as 0-d tensors of ``z``'s dtype and device, or ``(0, 1, -1)`` for
+    ``eps = 0``: made once (a Python scalar costs a tensor per operation, and dominates the
+    time of an operation on small tensors)."""
+    key = (z.dtype, z.device, eps)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        value = eps if eps != 0 else 1.0
+        found = tuple(torch.tensor(v, dtype=z.dtype, device=z.device) for v in (0.0, value, -value))
+        if len(_CONSTANTS) < 256:
+            _CONSTANTS[key] = found
+    return found
+
+
+def linear_in(dtypes: torch.dtype | Sequence[torch.dtype], fn: Callable[..., Any], grads: Sequence) -> tuple:
+    """Apply ``fn``, a linear map that computes in narrower ``dtypes`` (an autograd node's
+    backward, the adjoint of a layer), to ``grads`` carried in a wider dtype
+    (:func:`compute_dtype`); floating results come back in that wider dtype.
+
+    The grads are divided by one common power of two ``2^k`` (exact) that brings their largest
+    magnitude into ``[1, 2)``, cast, mapped, and multiplied back in the wide dtype:
+    ``J^T g = 2^k J^T (g / 2^k)``, so float16's range of 65504 cannot overflow on the way.
+    When every grad already has its dtype, ``fn`` simply runs.
+
+    Parameters
+    ----------
+    dtypes
+        The dtype ``fn`` takes, one for all grads or one per grad.
+    fn
+        ``fn(*grads) -> tensor or tuple of tensors (or None)``, linear in ``grads``.
+    grads
+        Tensors (or ``None``).
+
+    Returns
+    -------
+    tuple
+        ``fn``'s outputs.
+    """
+    if isinstance(dtypes, torch.dtype):
+        dtypes = [dtypes] * len(grads)
+    floats = [g is not None and g.is_floating_point() for g in grads]
+    wide = next((g.dtype for g, d, f in zip(grads, dtypes, floats)
+                 if f and g.dtype != d and d.is_floating_point), None)
+    if wide is None:
+        out = fn(*grads)
+        return out if isinstance(out, tuple) else (out,)
+    top = torch.stack([g.detach().abs().amax().to(wide) for g, f in zip(grads, floats) if f]).amax()
+    scale = torch.exp2(torch.floor(torch.log2(top)))
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    out = fn(*[(g / scale).to(d) if f else g for g, d, f in zip(grads, dtypes, floats)])
+    out = out if isinstance(out, tuple) else (out,)
+    return tuple(o.to(wide) * scale if o is not None and o.is_floating_point() else o for o in out)
 
 
 def sum_to(r: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -58,12 +159,33 @@ class Rule:
 
     ``fused`` is set only on :class:`Folded` rules: the graph node (an eval batch norm)
     whose map the engine folds into this node's map.
+
+    Two optional declarations let the engine explain past values that nothing can rebuild (a
+    sum with a constant autograd never saw: an attention mask, a position table, a frozen
+    bias added on its own). Relevance may then travel *per unit of value*: ``G`` on an edge
+    means ``R = v * G`` for the edge's forward value ``v``, known or not (see
+    :mod:`dynlrp.engine`).
+
+    * :meth:`factors`: the inputs whose value enters the rule's result only as a final
+      factor, ``R_i = v_i * H_i`` with ``H_i`` independent of ``v_i``. Where ``v_i`` is
+      unknown, the rule runs with ``v_i = 1`` and its result for ``i`` is per unit.
+    * :meth:`per_unit`: what the rule does with relevance given per unit of its *output*.
+      ``"divides"``: the output enters only as ``R / z`` (epsilon 0), so ``R / z = G`` and the
+      rule runs with ``z = 1`` and ``R = G``. ``"routes"``: the op only moves values (a view,
+      a selection, a concatenation), so routing ``v * G`` is ``v_in * route(G)``: the rule
+      routes ``G`` and its results are per unit. ``None``: neither.
     """
 
     fused: int | None = None
 
     def needs(self, ctx: RuleContext) -> Needs:
         return Needs()
+
+    def factors(self, ctx: RuleContext) -> tuple[int, ...]:
+        return ()
+
+    def per_unit(self, ctx: RuleContext) -> str | None:
+        return None
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:  # pragma: no cover
         raise NotImplementedError
@@ -88,13 +210,20 @@ class Epsilon(Rule):
     def needs(self, ctx: RuleContext) -> Needs:
         return Needs(inputs=ctx.reaching, output=True)
 
+    def factors(self, ctx: RuleContext) -> tuple[int, ...]:
+        return ctx.reaching
+
+    def per_unit(self, ctx: RuleContext) -> str | None:
+        return "divides" if self.eps == 0 else None
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         s = ctx.relevance / stabilize(ctx.output, self.eps)
         grads = ctx.vjp(s)
         share = 1.0 / max(len(ctx.reaching), 1) if ctx.kind != "sum" else 1.0
         out: list[torch.Tensor | None] = [None] * ctx.num_inputs
         for i in ctx.reaching:
-            out[i] = ctx.input(i) * grads[i] * share
+            r = ctx.input(i) * grads[i]
+            out[i] = r * share if share != 1.0 else r  # (x * 1.0 is x)
         return out
 
 
@@ -123,6 +252,12 @@ class Proportional(Epsilon):
         if self.absolute:
             return Needs(inputs=ctx.graph_inputs, output=False)
         return super().needs(ctx)
+
+    def factors(self, ctx: RuleContext) -> tuple[int, ...]:
+        return () if self._has_constant(ctx) or self.absolute else ctx.reaching
+
+    def per_unit(self, ctx: RuleContext) -> str | None:
+        return None if self._has_constant(ctx) or self.absolute else super().per_unit(ctx)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if self._has_constant(ctx):
@@ -163,6 +298,9 @@ class Route(Rule):
     this is winner-take-all.
     """
 
+    def per_unit(self, ctx: RuleContext) -> str | None:
+        return "routes" if ctx.kind == "route" else None
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         grads = ctx.vjp_all(ctx.relevances)
         return [grads[i] if i in ctx.reaching else None for i in range(ctx.num_inputs)]
@@ -184,7 +322,7 @@ def _linear_with_adjoint(affine: Affine, x: torch.Tensor, weight: torch.Tensor):
         out = affine.linear(leaf, weight.detach())
 
     def adjoint(s: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.grad(out, leaf, s, retain_graph=True)[0]
+        return linear_in(out.dtype, lambda g: torch.autograd.grad(out, leaf, g, retain_graph=True)[0], [s])[0]
 
     return out.detach(), adjoint
 
@@ -212,13 +350,15 @@ def _only(ctx: RuleContext, slot: int, r: torch.Tensor) -> list[torch.Tensor | N
 def _split(affine: Affine, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor):
     """``W_a x+ + W_b x-`` and the adjoints that give back ``x+ * W_a^T s + x- * W_b^T s``.
 
-    The negative half is skipped when ``x`` has no negative entry (after a ReLU): it is 0."""
+    The negative half is skipped when ``x`` has no negative entry (after a ReLU): it is 0, and
+    ``x+`` is ``x`` itself. ``wb`` may be a function that makes ``W_b`` (called only when needed)."""
+    if not (x < 0).any():
+        zp, adj_p = _linear_with_adjoint(affine, x, wa)
+        return zp, lambda s: x * adj_p(s)
     xp = x.clamp(min=0)
     zp, adj_p = _linear_with_adjoint(affine, xp, wa)
-    if not (x < 0).any():
-        return zp, lambda s: xp * adj_p(s)
     xn = x.clamp(max=0)
-    zn, adj_n = _linear_with_adjoint(affine, xn, wb)
+    zn, adj_n = _linear_with_adjoint(affine, xn, wb() if callable(wb) else wb)
     return zp + zn, lambda s: xp * adj_p(s) + xn * adj_n(s)
 
 
@@ -313,12 +453,19 @@ class AlphaBeta(Rule):
         slot, affine = ctx.data_slot, ctx.affine()
         x = ctx.input(slot)
         w = affine.weight.detach()
-        w_pos, w_neg = w.clamp(min=0), w.clamp(max=0)
+        w_pos, made = w.clamp(min=0), []
+
+        def w_neg() -> torch.Tensor:  # only needed for inputs with negative entries, or beta > 0
+            if not made:
+                made.append(w.clamp(max=0))
+            return made[0]
+
         b = torch.as_tensor(_bias(ctx, affine, x, self.zero_bias), dtype=x.dtype, device=x.device)
         z_pos, back_pos = _split(affine, x, w_pos, w_neg)
-        r = self.alpha * back_pos(ctx.relevance / stabilize(z_pos + b.clamp(min=0), self.eps))
+        r = back_pos(ctx.relevance / stabilize(z_pos + b.clamp(min=0), self.eps))
+        r = r if self.alpha == 1.0 else self.alpha * r  # (1.0 * r is r)
         if self.beta != 0:
-            z_neg, back_neg = _split(affine, x, w_neg, w_pos)
+            z_neg, back_neg = _split(affine, x, w_neg(), w_pos)
             r = r - self.beta * back_neg(ctx.relevance / stabilize(z_neg + b.clamp(max=0), self.eps))
         return _only(ctx, slot, r)
 
@@ -418,7 +565,7 @@ class WSquare(Rule):
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         slot, affine = ctx.data_slot, ctx.affine()
         x = ctx.input(slot) if _bias_needs_values(ctx, self.zero_bias) else None
-        ones = torch.ones(ctx.input_shape(slot), dtype=ctx.relevance.dtype, device=ctx.relevance.device)
+        ones = torch.ones(ctx.input_shape(slot), dtype=affine.weight.dtype, device=ctx.relevance.device)
         z, back = _linear_with_adjoint(affine, ones, affine.weight.detach() ** 2)
         b = _bias(ctx, affine, x, self.zero_bias)
         return _only(ctx, slot, back(ctx.relevance / stabilize(z + b ** 2, self.eps)))
@@ -442,7 +589,7 @@ class Flat(Rule):
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         slot, affine = ctx.data_slot, ctx.affine()
-        ones = torch.ones(ctx.input_shape(slot), dtype=ctx.relevance.dtype, device=ctx.relevance.device)
+        ones = torch.ones(ctx.input_shape(slot), dtype=affine.weight.dtype, device=ctx.relevance.device)
         z, back = _linear_with_adjoint(affine, ones, torch.ones_like(affine.weight))
         return _only(ctx, slot, back(ctx.relevance / stabilize(z, self.eps)))
 
@@ -469,6 +616,9 @@ class Folded(Rule):
 
     def needs(self, ctx: RuleContext) -> Needs:
         return self.rule.needs(ctx)
+
+    def factors(self, ctx: RuleContext) -> tuple[int, ...]:
+        return self.rule.factors(ctx)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         return self.rule(ctx)
@@ -519,6 +669,9 @@ class SoftmaxDT(Rule):
     def needs(self, ctx: RuleContext) -> Needs:
         return Needs(inputs=ctx.reaching, output=True)
 
+    def factors(self, ctx: RuleContext) -> tuple[int, ...]:
+        return ctx.reaching  # x enters only as the final factor: eager attention's `scores + mask`
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if not ctx.reaching:
             return [None] * ctx.num_inputs
@@ -552,6 +705,12 @@ class SumWithConstants(Rule):
             return Needs()
         return Needs(inputs=ctx.reaching, output=True)
 
+    def factors(self, ctx: RuleContext) -> tuple[int, ...]:
+        return () if ctx.entry.forward is None else ctx.reaching
+
+    def per_unit(self, ctx: RuleContext) -> str | None:
+        return "divides" if self.eps == 0 and ctx.entry.forward is not None else None
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if ctx.entry.forward is None:
             return Identity()(ctx)
@@ -567,6 +726,9 @@ class StopRelevance(Rule):
     setting "routing relevance only through the final matrix multiplication ... and skipping
     the softmax").
     """
+
+    def per_unit(self, ctx: RuleContext) -> str | None:
+        return "routes"  # nothing passes, whatever the unit
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         return [None] * ctx.num_inputs
@@ -633,6 +795,12 @@ class ValuePathEpsilon(Rule):
     def needs(self, ctx: RuleContext) -> Needs:
         return Needs(inputs=self._kept(ctx), output=True)
 
+    def factors(self, ctx: RuleContext) -> tuple[int, ...]:
+        return self._kept(ctx)
+
+    def per_unit(self, ctx: RuleContext) -> str | None:
+        return "divides" if self.eps == 0 else None
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         kept = self._kept(ctx)
         if not kept:
@@ -679,7 +847,7 @@ class ConstantDenominator(Rule):
             except MissingOperand:
                 y = None
             if y is not None and y.requires_grad:
-                grad = torch.autograd.grad(y, leaf, s)[0]
+                grad = linear_in(y.dtype, lambda g: torch.autograd.grad(y, leaf, g)[0], [s])[0]
             else:  # no replay: the node's own backward (statistics not held constant)
                 grad = ctx.vjp(s)[0]
         return _only_slots(ctx, {0: x * grad})
@@ -716,6 +884,12 @@ class AttnLRPAttention(Rule):
     def needs(self, ctx: RuleContext) -> Needs:
         return Needs(inputs=tuple(i for i in ctx.reaching if i < 3), output=True)
 
+    def factors(self, ctx: RuleContext) -> tuple[int, ...]:
+        return tuple(i for i in ctx.reaching if i < 3)
+
+    def per_unit(self, ctx: RuleContext) -> str | None:
+        return "divides" if self.eps == 0 else None
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         shares = _attention_shares(ctx)
         grads = ctx.vjp(ctx.relevance / stabilize(ctx.output, self.eps))
@@ -734,6 +908,12 @@ class CPAttention(Rule):
 
     def needs(self, ctx: RuleContext) -> Needs:
         return Needs(inputs=(2,) if 2 in ctx.reaching else (), output=2 in ctx.reaching)
+
+    def factors(self, ctx: RuleContext) -> tuple[int, ...]:
+        return (2,) if 2 in ctx.reaching else ()
+
+    def per_unit(self, ctx: RuleContext) -> str | None:
+        return "divides" if self.eps == 0 else None
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if 2 not in ctx.reaching:

@@ -18,6 +18,10 @@ from .ops import MissingOperand, Value, lookup
 class Resolver:
     """Answers forward-value requests for one graph; subclasses implement :meth:`value`."""
 
+    #: Keep every forward value in ``memo`` until the call ends (for inspection in tests);
+    #: by default values are dropped once no later node can ask for them (:meth:`done`).
+    keep_values = False
+
     def __init__(self, graph: Graph, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
                  params: Parameters | None = None):
         self.graph = graph
@@ -28,9 +32,41 @@ class Resolver:
             self.memo[edge] = Value(y.detach())
         for x, edge in zip(inputs, graph.targets):
             self.memo.setdefault(edge, Value(x.detach()))
+        self._given = set(self.memo)
+        # Per node: how many of its input edges lead to nodes the traversal has yet to
+        # propagate (-1: an input that the traversal never visits, so never).
+        self._left = [len(gn.reaching) if len(gn.reaching) == len(gn.graph_inputs) else -1
+                      for gn in graph.nodes]
 
     def value(self, edge: Edge, requester: int) -> Value:  # pragma: no cover
         raise NotImplementedError
+
+    def done(self, i: int) -> None:
+        """Node ``i`` was propagated: forget the forward values no later request can need.
+
+        A node's outputs serve its own rule and its consumers' rules (all propagated before
+        it), the replays of its consumers, and the inversions of its inputs (walks only go
+        toward nodes not yet propagated). So once a node and every node below it in the
+        traversal are propagated, its values are dropped, and memory stays near the width of
+        the traversal frontier. A value asked for again is rebuilt the way it was found."""
+        if self.keep_values:
+            return
+        left = self._left
+        if left[i] == 0:
+            self._release(i)
+        nodes, processed = self.graph.nodes, self.processed
+        for c, _ in nodes[i].consumers:
+            n = left[c]
+            if n > 0:
+                left[c] = n = n - 1
+                if n == 0 and processed[c]:
+                    self._release(c)
+
+    def _release(self, i: int) -> None:
+        memo, given = self.memo, self._given
+        for k in range(self.graph.nodes[i].num_outputs):
+            if (i, k) not in given:
+                memo.pop((i, k), None)
 
     def output(self, i: int, k: int = 0) -> Value:
         return self.value((i, k), i)
@@ -41,6 +77,17 @@ class Resolver:
 
     def stats(self) -> dict[str, float]:
         return {}
+
+
+def merge(known: Value | None, more: Value) -> Value:
+    """Two partial values of one tensor combined: known where either is (exact once everywhere)."""
+    if known is None or more.exact:
+        return more
+    if known.exact:
+        return known
+    mask = known.mask | more.mask
+    tensor = torch.where(known.mask, known.tensor, more.tensor)
+    return Value(tensor, None if bool(mask.all()) else mask)
 
 
 def tap_value(graph: Graph, consumer: int, slot: int) -> torch.Tensor | None:
@@ -58,23 +105,76 @@ class Parameters:
 
     Autograd never sees a frozen layer's bias, yet it saves the layer's weight. Given the
     model, the weight identifies the module, and the module holds the bias. The model is
-    only read.
+    only read. Three ways a saved weight is matched to its bias:
+
+    * the weight *is* a module's weight (same storage and offset): the module's bias;
+    * the weight is a block of rows of one (``nn.MultiheadAttention`` splits its packed
+      ``in_proj_weight`` into query, key and value rows when the query is not the key): the
+      same rows of the bias;
+    * the weight is computed from the module's parameters on every call (a parametrization
+      such as weight normalisation): the module whose computed weight equals it.
     """
 
+    #: (weight attribute, bias attribute) pairs a module may hold.
+    PAIRS = (("weight", "bias"), ("in_proj_weight", "in_proj_bias"))
+
     def __init__(self, model: torch.nn.Module) -> None:
-        self._by_ptr: dict[int, torch.nn.Module] = {}
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.numel():
-                self._by_ptr[weight.data_ptr()] = module
+        self._model = model
+        self._by_storage: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._computed: list[tuple[torch.nn.Module, str, str]] = []
+        self._indexed = False  # the index is built on the first request: most calls make none
+
+    def _index(self) -> None:
+        from torch.nn.utils import parametrize
+
+        self._indexed = True
+        for module in self._model.modules():
+            for w_name, b_name in self.PAIRS:
+                if parametrize.is_parametrized(module, w_name):
+                    self._computed.append((module, w_name, b_name))
+                    continue
+                weight, bias = getattr(module, w_name, None), getattr(module, b_name, None)
+                if isinstance(weight, torch.Tensor) and weight.numel() and isinstance(bias, torch.Tensor):
+                    key = weight.untyped_storage().data_ptr()
+                    self._by_storage.setdefault(key, []).append((weight, bias))
 
     def bias_for(self, owner: torch.Tensor | None) -> torch.Tensor | None:
-        """The bias of the module whose weight is ``owner`` (or a view of it), or None."""
+        """The bias that goes with weight ``owner`` (a module's weight, a view of it, or a block
+        of its rows), or None."""
         if owner is None:
             return None
-        module = self._by_ptr.get(owner.data_ptr())
-        bias = getattr(module, "bias", None)
-        return bias.detach() if isinstance(bias, torch.Tensor) else None
+        if not self._indexed:
+            self._index()
+        for weight, bias in self._by_storage.get(owner.untyped_storage().data_ptr(), ()):
+            if owner.data_ptr() == weight.data_ptr() and owner.numel() == weight.numel():
+                return bias.detach()  # the weight itself, or a transposed or reshaped view
+            rows = _row_block(owner, weight)
+            if rows is not None and bias.shape[:1] == weight.shape[:1]:
+                return bias.detach()[rows]
+        for module, w_name, b_name in self._computed:
+            bias = getattr(module, b_name, None)
+            if not isinstance(bias, torch.Tensor):
+                continue
+            with torch.no_grad():
+                weight = getattr(module, w_name)
+            if weight.shape == owner.shape and torch.equal(weight, owner):
+                return bias.detach()
+        return None
+
+
+def _row_block(view: torch.Tensor, weight: torch.Tensor) -> slice | None:
+    """The rows of ``weight`` that ``view`` is (possibly transposed, as ``t()`` saves it), or None."""
+    if view.dtype != weight.dtype or weight.dim() == 0:
+        return None
+    for candidate in (view, view.t()) if view.dim() == 2 else (view,):
+        if candidate.shape[1:] != weight.shape[1:] or candidate.stride() != weight.stride():
+            continue
+        offset = candidate.storage_offset() - weight.storage_offset()
+        step = weight.stride(0)
+        if step and offset % step == 0 and 0 <= offset // step <= weight.shape[0] - candidate.shape[0]:
+            start = offset // step
+            return slice(start, start + candidate.shape[0])
+    return None
 
 
 def replay(entry, node, xs: list, params: Parameters | None):

@@ -373,8 +373,10 @@ class Case:
         ``seed(y) -> tensor``; default standard normal.
     replay : str
         What happens when a frozen linear map follows the op (:func:`check_replay`):
-        ``"ok"`` (promise mode rebuilds the op's output), ``"unrecoverable"`` (promise mode
-        must raise :class:`dynlrp.UnrecoverableValueError`) or ``"skip"``.
+        ``"ok"`` (promise mode rebuilds the op's output), ``"per-unit"`` (it cannot, but the
+        rules pass relevance per unit of that output, so promise mode still equals recorded
+        mode), ``"unrecoverable"`` (promise mode must raise
+        :class:`dynlrp.UnrecoverableValueError`) or ``"skip"``.
     tol : float
         Relative tolerance of the reference comparison.
     op : str or None

@@ -203,9 +203,9 @@ SELECTIONS = [
     Case("where-both", ("WhereBackward0",), lambda a, b: torch.where(COND, a, b),
          lambda: [randn(*SHAPE), randn(*SHAPE)], _where_both, requested=(0, 1), in_axes=(0, 0)),
     Case("where-constant", ("WhereBackward0",), lambda a: torch.where(COND, a, OTHER),
-         lambda: [randn(*SHAPE)], lambda v, r: [r * COND], conserve=False, replay="unrecoverable"),
+         lambda: [randn(*SHAPE)], lambda v, r: [r * COND], conserve=False),
     Case("masked-fill", ("MaskedFillBackward0",), lambda a: a.masked_fill(COND, -1e4),
-         lambda: [randn(*SHAPE)], lambda v, r: [r * ~COND], conserve=False, replay="unrecoverable"),
+         lambda: [randn(*SHAPE)], lambda v, r: [r * ~COND], conserve=False),
     Case("masked-fill-tensor", ("MaskedFillBackward1",), lambda a, val: a.masked_fill(COND, val),
          lambda: [randn(*SHAPE), torch.randn((), dtype=DT).requires_grad_()], _masked_fill_tensor,
          requested=(0, 1), in_axes=None),
@@ -277,20 +277,22 @@ SOFTMAX = [
     Case("softmax-dim1", ("SoftmaxBackward0",), lambda x: torch.softmax(x, 1), lambda: [randn(*SHAPE)],
          lambda v, r: [v[0] * (r - v[0].softmax(1) * r.sum(1, keepdim=True))], conserve=False),
     # attention scores + an additive mask (or position bias) autograd never saw: the sum's value
-    # is not in the graph -- recorded mode only; the mask keeps its share (SumWithConstants).
+    # is not in the graph; the mask keeps its share (SumWithConstants), which lets promise mode
+    # pass relevance per unit of the sum (the sum cancels).
     Case("softmax-masked", ("SoftmaxBackward0", "AddBackward0"), lambda x: (x + MASK).softmax(-1),
          lambda: [randn(*SHAPE)], _masked_softmax_reference(MASK), conserve=False, seed=_live,
-         rules=MASKED_RULES, replay="unrecoverable"),
+         rules=MASKED_RULES, replay="per-unit"),
     Case("softmax-position-bias", ("SoftmaxBackward0", "AddBackward0"), lambda x: (x + BIAS).softmax(-1),
          lambda: [randn(*SHAPE)], _masked_softmax_reference(BIAS), conserve=False, rules=MASKED_RULES,
-         replay="unrecoverable"),
+         replay="per-unit"),
 ]
 
 
 def check_masked_softmax_case(case: Case) -> None:
     """:func:`check_case` for a softmax after a sum with a constant autograd never saw: the
-    sum's value is not in the graph, so recorded mode gives the relevance (checked against the
-    reference) and promise mode must say so."""
+    sum's value is not in the graph. Recorded mode gives the relevance (checked against the
+    reference); promise mode gets the same through relevance per unit of the sum, and must
+    refuse under the default rules, which give the constant nothing (its value matters)."""
     inputs = case.make()
     with dynlrp.record() as tape:
         y = forward(case, inputs)
@@ -299,14 +301,16 @@ def check_masked_softmax_case(case: Case) -> None:
     check_shape_dtype(rels, inputs)
     (expected,) = case.reference(detached(inputs), seed.detach())
     assert_close(rels[0], expected, f"{case.id}: relevance != reference", rtol=case.tol, atol=1e-12)
+    (promised,) = run_lrp(forward(case, inputs), inputs, seed, case.rules)
+    assert_close(promised, rels[0], f"{case.id}: promise mode != recorded mode", rtol=1e-9, atol=1e-12)
     with pytest.raises(dynlrp.UnrecoverableValueError, match="record"):
-        run_lrp(forward(case, inputs), inputs, seed, case.rules)
+        run_lrp(forward(case, inputs), inputs, seed, None)
     check_closures(y)
 
 
 @pytest.mark.parametrize("case", params(SOFTMAX))
 def test_softmax_relevance(case):
-    if case.replay == "unrecoverable":
+    if case.replay == "per-unit":
         check_masked_softmax_case(case)
     else:
         check_case(case)
@@ -317,22 +321,26 @@ def test_softmax_replay_before_frozen_layer(case):
     check_replay(case)
 
 
-def test_softmax_after_frozen_affine_map_needs_the_tape():
-    """Softmax after a layer with a frozen bias: ``log(s)`` would give the layer's output only
-    up to a row constant, which the softmax rule does not ignore -- promise mode refuses,
-    recorded mode gives ``R_u = u * A^T (R - s sum(R))``."""
+def test_softmax_after_frozen_affine_map():
+    """Softmax after a layer with a frozen bias: the layer's output ``z`` is not in the graph
+    (``log(s)`` gives it only up to a row constant, which the softmax rule does not ignore).
+    With epsilon 0 the softmax rule passes ``R - s sum(R)`` per unit of ``z`` and the layer's
+    rule divides by ``z``: ``z`` cancels, and promise mode gives recorded mode's
+    ``R_u = u * A^T (R - s sum(R))``. With epsilon > 0 it does not cancel: promise mode refuses."""
     u = randn(B, 4)
     a, c = torch.randn(4, 5, dtype=DT), torch.randn(5, dtype=DT)
     y = torch.addmm(c, u, a).softmax(-1)
     seed = torch.randn_like(y)
     rules = {"linear": dynlrp.rules.Epsilon(0.0)}
-    with pytest.raises(dynlrp.UnrecoverableValueError):
-        dynlrp.lrp(y, u, seed, rules=rules)
     with dynlrp.record() as tape:
         y2 = torch.addmm(c, u, a).softmax(-1)
     (recorded,) = dynlrp.lrp(y2, u, seed, rules=rules, tape=tape)
     g = seed - y.detach() * seed.sum(-1, keepdim=True)
     assert_close(recorded, u.detach() * (g @ a.T), "recorded != reference")
+    (promised,) = dynlrp.lrp(y, u, seed, rules=rules)
+    assert_close(promised, recorded, "promise != recorded", rtol=1e-12, atol=1e-14)
+    with pytest.raises(dynlrp.UnrecoverableValueError, match="record"):
+        dynlrp.lrp(y, u, seed, rules={"linear": dynlrp.rules.Epsilon(1e-6)})
 
 
 def test_sum_with_constants():
@@ -471,13 +479,10 @@ def test_eager_attention_equals_fused_attention(preset, mask, causal):
         y = _eager_attention(q, k, v, mask, causal)
     seed = torch.randn_like(y)
     eager = dynlrp.lrp(y, [q, k, v], seed, rules=rules, tape=tape)
-    if (causal or mask is not None) and preset == "attnlrp":  # the masked scores are not in the graph
-        with pytest.raises(dynlrp.UnrecoverableValueError):
-            dynlrp.lrp(y, [q, k, v], seed, rules=rules)
-    else:
-        promised = dynlrp.lrp(y, [q, k, v], seed, rules=rules)
-        for a, b in zip(promised, eager):
-            assert_close(a, b, f"{preset}: eager attention, promise != recorded", rtol=1e-9, atol=1e-12)
+    # the masked scores are not in the graph: with a mask, promise mode passes relevance per unit
+    promised = dynlrp.lrp(y, [q, k, v], seed, rules=rules)
+    for a, b in zip(promised, eager):
+        assert_close(a, b, f"{preset}: eager attention, promise != recorded", rtol=1e-9, atol=1e-12)
     fused_y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     fused = dynlrp.lrp(fused_y, [q, k, v], seed, rules=rules)
     expected = attention_reference(*detached([q, k, v]), seed, mask=mask, causal=causal,

@@ -95,6 +95,9 @@ class Affine:
     ``channelwise`` marks ``z = x * weight[c] + bias[c]`` per channel of dim 1 (batch norm
     at inference): such an op can be folded into the op before it (:func:`fold`).
     ``params`` are the parameter tensors behind the weight and bias (to find their module).
+    ``place_bias(b)``, for an op whose bias autograd did not keep, is the bias term of the output
+    for the module's bias parameter ``b`` (found from ``params[0]``, the weight parameter, by
+    :class:`dynlrp.values.Parameters`), or ``None``.
     """
 
     weight: torch.Tensor
@@ -104,6 +107,7 @@ class Affine:
     scale_out: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     channelwise: bool = False
     params: tuple[torch.Tensor, ...] = ()
+    place_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def fold(first: Affine, channel: Affine) -> Affine:

@@ -84,9 +84,9 @@ def _register_self_func(name, func):
 for _name, _func in _SELF_FUNCS.items():
     _register_self_func(_name, _func)
 
-# Copies: relevance and values pass unchanged.
+# Copies: relevance and values pass unchanged (a routing op that moves every value in place).
 register(("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0"),
-         "elementwise", "exact", forward=_identity_forward, inverse=_identity_inverse)
+         "route", "route", forward=_identity_forward, inverse=_identity_inverse)
 register("ToCopyBackward0", "elementwise", "exact",
          forward=lambda n, xs: xs[0].to(output_meta(n, 0)[1]),
          inverse=lambda n, out, xs: {0: Value(out.tensor.to(_input_dtype(n)), out.mask)})

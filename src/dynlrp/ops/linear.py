@@ -58,13 +58,14 @@ def _scale_columns(w, s):
     return w * s.reshape(1, -1)
 
 
-def _product_affine(w, slot, data_slot, alpha, bias=None, known=True, params=()):
+def _product_affine(w, slot, data_slot, alpha, bias=None, known=True, params=(), place_bias=None):
     # x @ w when the data is the left operand, w @ x when it is the right one.
     if w is None:
         return None
     if slot == data_slot:
-        return Affine(w, lambda x, v: alpha * (x @ v), bias, known, _scale_columns, False, (w, *params))
-    return Affine(w, lambda x, v: alpha * (v @ x), bias, known, None, False, (w, *params))
+        return Affine(w, lambda x, v: alpha * (x @ v), bias, known, _scale_columns, False, (w, *params),
+                      place_bias)
+    return Affine(w, lambda x, v: alpha * (v @ x), bias, known, None, False, (w, *params), place_bias)
 
 
 def _mm_affine(node, slot):
@@ -82,7 +83,8 @@ def _addmm_affine(node, slot):
         b = leaf_input(node, 0)
         bias, known, params = (None, False, ()) if b is None else (beta * b, True, (b,))
     w = saved(node, "mat2" if slot == 1 else "mat1")
-    return _product_affine(w, slot, 1, alpha, bias, known, params)
+    place = None if known else (lambda b: beta * b)  # a frozen bias, supplied by the model
+    return _product_affine(w, slot, 1, alpha, bias, known, params, place)
 
 
 register("MmBackward0", "linear", "bias", forward=_mm_forward, own=_mm_own,
@@ -163,7 +165,8 @@ def _conv_affine(node, slot):
         else:
             bias, params = b.reshape([1, -1] + [1] * (w.dim() - 2)), (w, b)
     scale = _scale_conv_transposed(saved(node, "groups")) if saved(node, "transposed") else _scale_conv
-    return Affine(w, lambda x, v: _conv(node, x, v, None), bias, known, scale, False, params)
+    place = None if known else (lambda b: b.reshape([1, -1] + [1] * (w.dim() - 2)))  # a frozen bias
+    return Affine(w, lambda x, v: _conv(node, x, v, None), bias, known, scale, False, params, place)
 
 
 register("ConvolutionBackward0", "linear", "bias", forward=_conv_forward, own=_conv_own,

@@ -7,6 +7,7 @@ the batch statistics autograd saved are used (they mix examples; prefer ``model.
 
 from __future__ import annotations
 
+from ..dtypes import compute_dtype
 from ..saved import saved
 from . import Affine, register
 from .common import has_edge, leaf_input, operand, out_shape, taps_from
@@ -18,18 +19,21 @@ def _stats(node, x):
         mean, invstd = saved(node, "result1"), saved(node, "result2")
     else:
         mean = saved(node, "running_mean")
-        invstd = (saved(node, "running_var") + saved(node, "eps")).rsqrt()
+        var = saved(node, "running_var")
+        invstd = (var.to(compute_dtype(var.dtype)) + saved(node, "eps")).rsqrt()
     return mean.reshape(shape), invstd.reshape(shape), shape
 
 
 def _batch_norm(node, x, bias_of):
+    dtype = x.dtype  # float16 / bfloat16: computed in float32 and rounded once, as the kernel does
+    x = x.to(compute_dtype(dtype))
     mean, invstd, shape = _stats(node, x)
     y = (x - mean) * invstd
     weight = saved(node, "weight")
     if weight is None:
         # No weight: a bias in the graph is added; a frozen one cannot be told from none.
-        return y if not has_edge(node, 2) else y + bias_of().reshape(shape)
-    return y * weight.reshape(shape) + bias_of().reshape(shape)
+        return (y if not has_edge(node, 2) else y + bias_of().reshape(shape)).to(dtype)
+    return (y * weight.reshape(shape) + bias_of().reshape(shape)).to(dtype)
 
 
 def _bn_forward(node, xs):
@@ -69,12 +73,14 @@ def _bn_affine(node, slot):
     params = (mean,) if weight is None else (weight, mean)
     if weight is not None:
         scale = scale * weight
-    shift, known = -mean * scale, True
+    shift, known, place = -mean * scale, True, None
     if weight is not None or has_edge(node, 2):  # as in _batch_norm: no weight, no edge -> no bias
         b = leaf_input(node, 2)
+        if b is None and weight is not None:  # a frozen bias: the model has it (Affine.place_bias)
+            place = (lambda centre: lambda bias: (bias + centre).reshape(shape))(shift)
         shift, known = (None, False) if b is None else (b + shift, True)
     return Affine(scale, lambda x, v: x * v.reshape(shape), None if shift is None else shift.reshape(shape),
-                  known, lambda w, s: w * s, True, params)
+                  known, lambda w, s: w * s, True, params, place)
 
 
 register(("NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0"),

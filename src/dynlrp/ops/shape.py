@@ -75,8 +75,24 @@ def _index(node, x):
     return x[tuple(slice(None) if i is None else i for i in saved(node, "indices"))]
 
 
-_route("SliceBackward0", lambda n, xs: _slice(n, xs[0]))
-_route("SelectBackward0", lambda n, xs: xs[0].select(saved_dim(n), saved_dim(n, "index")))
+def _placed_inverse(select):
+    """The inverse of a selection: the input, known where it was selected (a partial value).
+    Consumers that select different parts of one tensor together rebuild all of it."""
+
+    def inverse(node, out, xs):
+        shape = _in_shape(node)
+        tensor = out.tensor.new_zeros(shape)
+        mask = torch.zeros(shape, dtype=torch.bool, device=out.tensor.device)
+        select(node, tensor).copy_(out.tensor)
+        select(node, mask).copy_(True if out.mask is None else out.mask)
+        return {0: Value(tensor, mask)}
+
+    return inverse
+
+
+_select = lambda n, t: t.select(saved_dim(n), saved_dim(n, "index"))  # noqa: E731
+_route("SliceBackward0", lambda n, xs: _slice(n, xs[0]), _placed_inverse(_slice))
+_route("SelectBackward0", lambda n, xs: _select(n, xs[0]), _placed_inverse(_select))
 _route("IndexBackward0", lambda n, xs: _index(n, xs[0]))
 _route("IndexSelectBackward0", lambda n, xs: xs[0].index_select(saved_dim(n), saved(n, "index")))
 _route("GatherBackward0", lambda n, xs: xs[0].gather(saved_dim(n), saved(n, "index")))
