@@ -17,6 +17,7 @@ from dynlrp import ops, rules
 from dynlrp.graph import build
 from dynlrp.presets import PRESETS, First, Module, RuleSet
 from test_rules import DT, as_matrix, randomize, reference
+from test_rules import lrp as run
 
 ZENNIT_PRESETS = ["epsilon", "epsilon_plus", "epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1",
                   "epsilon_alpha2_beta1_flat"]
@@ -46,15 +47,6 @@ def chain_reference(model: nn.Sequential, x: torch.Tensor, seed: torch.Tensor,
         else:  # relu and flatten: relevance passes (reshaped)
             r = r.reshape(a.shape)
     return r
-
-
-def run(model, x, seed, rule_set, tape=False):
-    xx = x.clone().requires_grad_(True)
-    if tape:
-        with dynlrp.record() as t:
-            y = model(xx)
-        return dynlrp.lrp(y, xx, seed, rules=rule_set, tape=t)[0]
-    return dynlrp.lrp(model(xx), xx, seed, rules=rule_set)[0]
 
 
 def close(a, b):

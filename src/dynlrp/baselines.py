@@ -39,7 +39,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .metrics.perturbation import logits_of, resolve_target
+from .metrics.perturbation import resolve_target
+from .targets import primary_output
 
 METHODS = ("dynlrp", "saliency", "input_x_gradient", "smoothgrad", "integrated_gradients", "gradient_shap",
            "zennit", "lxt", "random")
@@ -67,7 +68,7 @@ def _targets(model: Callable[..., Any], x: torch.Tensor, target: Target,
     if isinstance(target, torch.Tensor) and target.numel() == len(x):
         return target.to(x.device).long().reshape(-1)
     with torch.no_grad():
-        y = logits_of(model(x, **forward_kwargs))
+        y = primary_output(model(x, **forward_kwargs))
     return resolve_target(y, target)
 
 
@@ -259,7 +260,7 @@ def _captum(name: str, model: Callable[..., Any], x: torch.Tensor, idx: torch.Te
     extra = tuple(fkw[k] for k in keys) or None
 
     def forward(inp: torch.Tensor, *args: Any) -> torch.Tensor:
-        return logits_of(model(inp, **dict(zip(keys, args))))
+        return primary_output(model(inp, **dict(zip(keys, args))))
 
     x = x.detach().requires_grad_(True)  # Captum warns when it has to set this itself
     common = {"target": idx, "additional_forward_args": extra}
@@ -346,7 +347,7 @@ def _zennit(model: Callable[..., Any], x: torch.Tensor, idx: torch.Tensor, fkw: 
         raise TypeError("options go to a composite given by name; build the composite with them instead")
     x = x.detach().requires_grad_(True)
     with torch.enable_grad(), composite.context(model) as hooked:
-        y = logits_of(hooked(x, **fkw))
+        y = primary_output(hooked(x, **fkw))
         (grad,) = torch.autograd.grad(y, x, _onehot_seed(y, idx, scale=True))
     return grad.detach()
 
@@ -459,7 +460,7 @@ def _lxt(model: Callable[..., Any], x: torch.Tensor, idx: torch.Tensor, fkw: dic
     run, patches = _lxt_patches(model)
     x = x.detach().requires_grad_(True)
     with lxt_patched(patches), torch.enable_grad():
-        y = logits_of(run(x, **fkw))
+        y = primary_output(run(x, **fkw))
         # LxT's relevance is input x gradient: a one-hot seed makes the output relevance the logit
         (grad,) = torch.autograd.grad(y, x, _onehot_seed(y, idx, scale=False))
     return (x * grad).detach()

@@ -361,13 +361,12 @@ class LRP:
             per_unit, extras, plain = None, None, None
             if any(type(r) is PerUnit for r in rels):
                 rels, extras, per_unit = _per_unit_in(rule, gn, entry, graph, rels, resolver)
-            if any(r is None for r in rels):  # (not `None in rels`: that compares tensors)
-                rels = [r if r is not None else _zeros(gn, k) for k, r in enumerate(rels)]
+            rels = _filled(gn, rels)
             out, units = self._apply(rule, RuleContext(gn, entry, graph, rels, resolver, rule.fused), gn,
                                      check_each, per_unit)
             if extras is not None:  # ordinary relevance routed alongside the per-unit part
-                extras = [r if r is not None else _zeros(gn, k) for k, r in enumerate(extras)]
-                plain, _ = self._apply(rule, RuleContext(gn, entry, graph, extras, resolver), gn, check_each)
+                ctx = RuleContext(gn, entry, graph, _filled(gn, extras), resolver, rule.fused)
+                plain, _ = self._apply(rule, ctx, gn, check_each)
             del rels
             processed[i] = True
             inputs = gn.inputs
@@ -498,8 +497,7 @@ def _per_unit_in(rule, gn: GNode, entry: ops.OpEntry, graph: Graph, rels: list,
     that arrived with it separately. Otherwise relevance becomes ordinary where the output
     can be rebuilt, and a rule that only divides by the output (``"divides"``) takes the
     per-unit part as ``R / z`` where it cannot."""
-    probe = RuleContext(gn, entry, graph, [r if r is not None else _zeros(gn, k) for k, r in enumerate(rels)],
-                        resolver, fused=rule.fused)
+    probe = RuleContext(gn, entry, graph, _filled(gn, rels), resolver, fused=rule.fused)
     mode = rule.per_unit(probe)
     if mode == "routes" and all(r is None or isinstance(r, PerUnit) for r in rels):
         extras = [None if r is None else r.extra for r in rels]
@@ -532,6 +530,13 @@ def _partial_error(gn: GNode) -> UnrecoverableValueError:
         "layer's output seen through a ReLU), and relevance flows where they are unknown. "
         "Record the forward pass with `dynlrp.record()` and pass `tape=`."
     )
+
+
+def _filled(gn: GNode, rels: list) -> list:
+    """``rels`` with zeros for the outputs that received no relevance."""
+    if all(r is not None for r in rels):  # (not `None in rels`: that compares tensors)
+        return rels
+    return [r if r is not None else _zeros(gn, k) for k, r in enumerate(rels)]
 
 
 def _zeros(gn: GNode, k: int) -> torch.Tensor:

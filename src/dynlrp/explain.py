@@ -45,7 +45,7 @@ from . import presets
 from .engine import LRP
 from .errors import GraphError, UnrecoverableValueError
 from .record import record
-from .targets import last_positions
+from .targets import last_positions, primary_output
 
 Target = int | torch.Tensor | Callable[[torch.Tensor], torch.Tensor] | None
 LatentSpec = nn.Module | str | Callable[[Any], torch.Tensor]
@@ -447,20 +447,6 @@ def _run(model: nn.Module, p: _Prepared, target: Target, at: Mapping[str, Latent
         inputs=(p.ids if p.ids is not None else p.leaf.detach()), latent=latent,
         embedding_relevance=embedding_relevance, mode="record" if recorded else "promise",
     )
-
-
-def primary_output(out: Any) -> torch.Tensor:
-    """The tensor to explain in a model's output: itself, ``.logits``, or the first tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise TypeError(f"cannot find a tensor to explain in the model output ({type(out).__name__})")
 
 
 def _seed(

@@ -36,7 +36,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, merge, replay, tap_value
+from .values import Resolver, merge, replay, saved_value
 
 
 @dataclass(eq=False)
@@ -83,32 +83,14 @@ class PromiseResolver(Resolver):
             return self.memo[edge]
         if edge in self._not_direct:
             return None
-        i, k = edge
-        gn = self.graph.nodes[i]
-        var = leaf_variable(gn.fn)
-        how: tuple = ("leaf",)
-        value = var.detach() if var is not None else None
-        entry = lookup(gn.name)
-        if value is None and entry is not None and k == 0:
-            own = entry.own(gn.fn)
-            value, how = (None, how) if own is None else (own.detach(), ("own",))
-        if value is None:
-            value, how = self._tap(edge)
+        var = leaf_variable(self.graph.nodes[edge[0]].fn)
+        value, how = (var.detach(), ("leaf",)) if var is not None else saved_value(self.graph, edge)
         if value is None:
             self._not_direct.add(edge)
             return None
         self.memo[edge] = Value(value)
         self.how[edge] = how
         return self.memo[edge]
-
-    def _tap(self, edge: Edge) -> tuple:
-        for consumer, slot in self.graph.nodes[edge[0]].consumers:
-            if self.graph.nodes[consumer].inputs[slot] != edge:
-                continue  # the consumer reads another output of this node
-            value = tap_value(self.graph, consumer, slot)
-            if value is not None:
-                return value, ("tap", consumer, slot)
-        return None, None
 
     # -- the promise walk -----------------------------------------------------------------
     def value(self, edge: Edge, requester: int) -> Value:

@@ -24,7 +24,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, merge, replay, tap_value
+from .values import Resolver, merge, replay, saved_value
 
 
 class Tape(TorchFunctionMode):
@@ -88,7 +88,7 @@ class TapeResolver(Resolver):
         var = leaf_variable(gn.fn)
         recorded = var.detach() if var is not None else self.tape.values.get((gn.fn, k))
         if recorded is None:  # what autograd saved is as exact as the tape (inside functions
-            recorded = self._saved(edge)  # that hide their inner calls from the tape)
+            recorded = saved_value(self.graph, edge)[0]  # that hide their inner calls from it)
         if recorded is not None:
             self.memo[edge] = Value(recorded)
             return self.memo[edge]
@@ -100,20 +100,6 @@ class TapeResolver(Resolver):
         if got is not None:
             self.memo[edge] = got
         return got
-
-    def _saved(self, edge: Edge) -> torch.Tensor | None:
-        """The value from the node's own saved tensors or a consumer's saved input."""
-        gn = self.graph.nodes[edge[0]]
-        entry = lookup(gn.name)
-        own = entry.own(gn.fn) if entry is not None and edge[1] == 0 else None
-        if own is not None:
-            return own.detach()
-        for consumer, slot in gn.consumers:
-            if self.graph.nodes[consumer].inputs[slot] == edge:
-                tapped = tap_value(self.graph, consumer, slot)
-                if tapped is not None:
-                    return tapped
-        return None
 
     def _from_inputs(self, gn, k: int) -> Value | None:
         entry = lookup(gn.name)

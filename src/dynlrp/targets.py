@@ -16,9 +16,37 @@ attention masks them out); :func:`token_relevance` also zeroes them explicitly.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 Index = int | torch.Tensor | None
+
+
+def primary_output(out: Any) -> torch.Tensor:
+    """The tensor to explain or score in a model's output: itself, ``.logits``, or the first tensor
+    (of a mapping's values or a sequence).
+
+    Parameters
+    ----------
+    out
+        What the model returned.
+
+    Returns
+    -------
+    torch.Tensor
+    """
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    values = out.values() if isinstance(out, Mapping) else out if isinstance(out, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"cannot find a tensor in the model output ({type(out).__name__})")
 
 
 def _per_example(index: Index, batch: int, device: torch.device) -> torch.Tensor | None:

@@ -90,6 +90,24 @@ def merge(known: Value | None, more: Value) -> Value:
     return Value(tensor, None if bool(mask.all()) else mask)
 
 
+def saved_value(graph: Graph, edge: Edge) -> tuple[torch.Tensor | None, tuple | None]:
+    """The value of ``edge`` from what autograd saved, and how it was found: the node's own saved
+    tensors (output 0; ``("own",)``), else a consumer's saved input (``("tap", consumer, slot)``).
+    ``(None, None)`` when neither holds it."""
+    gn = graph.nodes[edge[0]]
+    entry = lookup(gn.name)
+    own = entry.own(gn.fn) if entry is not None and edge[1] == 0 else None
+    if own is not None:
+        return own.detach(), ("own",)
+    for consumer, slot in gn.consumers:
+        if graph.nodes[consumer].inputs[slot] != edge:
+            continue  # the consumer reads another output of this node
+        value = tap_value(graph, consumer, slot)
+        if value is not None:
+            return value, ("tap", consumer, slot)
+    return None, None
+
+
 def tap_value(graph: Graph, consumer: int, slot: int) -> torch.Tensor | None:
     """The value of input ``slot`` of node ``consumer`` if that node saved it, else None."""
     cn = graph.nodes[consumer]

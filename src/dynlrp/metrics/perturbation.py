@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..targets import primary_output
 from .features import Features, resolve_features
 from .occlusion import Occlusion, resolve_occlusion
 
@@ -235,21 +236,6 @@ def _interp_mean(grid: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.
 
 
 # -- curves ----------------------------------------------------------------------------------
-
-
-def logits_of(output: Any) -> torch.Tensor:
-    """The tensor to score in a model output: itself, ``.logits`` or the first tensor."""
-    if isinstance(output, torch.Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) \
-        else ()
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    raise TypeError(f"cannot find a tensor in the model output ({type(output).__name__})")
 
 
 def resolve_target(y: torch.Tensor, target: Target) -> torch.Tensor:
@@ -468,7 +454,7 @@ def perturbation_curves(
                 reference = occl.reference(xb)
                 cnt = counts[sl].to(dev)
 
-                y0 = logits_of(model(xb, **kw1))
+                y0 = primary_output(model(xb, **kw1))
                 tb = target_all[sl] if isinstance(target_all, torch.Tensor) else target_all
                 idx = resolve_target(y0, tb) if index_target else None  # type: ignore[arg-type]
                 s0 = _score(y0, target, idx, score, lab).double().cpu()
@@ -488,7 +474,7 @@ def perturbation_curves(
                         c = cnt[:, k:k + 1]
                         x_morf = occl.apply(xb, reference, feats.expand(rank_morf < c, xb))
                         x_lerf = occl.apply(xb, reference, feats.expand(rank_lerf < c, xb))
-                        y = logits_of(model(torch.cat([x_morf, x_lerf]), **kw2))
+                        y = primary_output(model(torch.cat([x_morf, x_lerf]), **kw2))
                         sk = _score(y, target, idx2, score, lab2).double().cpu()
                         morf[sl, k], lerf[sl, k] = sk[:b], sk[b:]
                     if bar is not None:

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
+from ..targets import primary_output
 from .features import Features
 from .occlusion import Occlusion
-from .perturbation import PerturbationCurves, Target, logits_of, perturbation_curves, resolve_target
+from .perturbation import PerturbationCurves, Target, perturbation_curves, resolve_target
 
 AttributionFn = Callable[..., torch.Tensor]
 """``fn(x_batch, target_batch, **model_kwargs_batch) -> relevance`` of one batch."""
@@ -252,7 +253,7 @@ def predict_targets(model: Callable[..., Any], inputs: torch.Tensor, target: Tar
     with torch.no_grad():
         for start in range(0, n, batch_size):
             sl = slice(start, min(start + batch_size, n))
-            y = logits_of(model(inputs[sl].to(dev), **_slice_kwargs(kwargs, n, sl, dev)))
+            y = primary_output(model(inputs[sl].to(dev), **_slice_kwargs(kwargs, n, sl, dev)))
             t = target[sl] if isinstance(target, torch.Tensor) and target.numel() == n else target
             out.append(resolve_target(y, t).cpu())  # type: ignore[arg-type]
     return torch.cat(out)
