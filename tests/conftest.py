@@ -7,6 +7,9 @@ import os
 import pytest
 import torch
 
+import dynlrp.engine
+from dynlrp.promise import PromiseResolver
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
@@ -25,3 +28,19 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def resolvers(monkeypatch):
+    """Every :class:`PromiseResolver` the engine makes during the test, in order."""
+    made: list[PromiseResolver] = []
+
+    class Recording(PromiseResolver):
+        keep_values = True  # the tests inspect every value the call resolved
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(dynlrp.engine, "PromiseResolver", Recording)
+    return made

@@ -92,7 +92,7 @@ def test_latent_relevance_at_intermediate_tensors():
 def test_engine_stats_keys():
     l1, l2 = two_layers()
     x = torch.randn(2, 4, requires_grad=True)
-    y = l2(torch.relu(l1(x)))
+    y = l2(l1(x) * 2)
     engine = dynlrp.LRP()
     engine(y, x)
     for key in ("nodes", "promises", "pre_promises", "promise_internal_nodes", "mean_promise_path",

@@ -81,3 +81,14 @@ def test_overhead_tiny(tmp_path):
     assert result["autograd_nodes"] >= 90
     assert _is_ratio(result["methods"]["dynlrp"]["explain_ratio"])
     assert "µs / node" in out
+
+
+def test_floor_tiny(tmp_path):
+    """The hand-written EpsilonPlus of benchmarks/floor.py is a fair floor only if it computes
+    what dynlrp computes: checked here on a small VGG16."""
+    out = _run("floor.py", "--batches", "1", "--image", "32", "--repeats", "1", "--warmup", "0",
+               "--out", str(tmp_path))
+    row, = json.loads((tmp_path / "floor.json").read_text())["rows"]
+    assert _is_ratio(row["by_hand"]) and _is_ratio(row["dynlrp"])
+    assert row["max_difference"] < 1e-4
+    assert "EpsilonPlus by hand" in out

@@ -50,7 +50,7 @@ class RuleContext:
     """What a rule sees at one node: relevance, forward values on demand, the adjoint."""
 
     __slots__ = ("gn", "node", "entry", "kind", "relevances", "relevance", "num_inputs", "_graph",
-                 "_resolver", "graph_inputs", "reaching", "_values", "fused")
+                 "_resolver", "graph_inputs", "reaching", "_values", "fused", "_affine")
 
     def __init__(self, gn: GNode, entry: ops.OpEntry, graph: Graph, relevances: list, resolver: Resolver,
                  fused: int | None = None):
@@ -67,6 +67,7 @@ class RuleContext:
         self.reaching = gn.reaching
         self._values: dict[Any, Value] = {}
         self.fused = fused  # canonization: the channel-wise affine node folded into this one
+        self._affine: ops.Affine | None = None
 
     def value_of_input(self, slot: int) -> Value:
         v = self._values.get(slot)
@@ -84,8 +85,18 @@ class RuleContext:
             self._values["out"] = v
         return v
 
+    def exact_value(self, key: int | str) -> Value:
+        """Input ``key`` (or the output, ``"out"``) known everywhere, even at a recomputation's cost."""
+        if key == "out":
+            edge = (self.gn.index if self.fused is None else self.fused, 0)
+        else:
+            edge = self.gn.inputs[key]
+        v = self._values[key] = self._resolver.exact(edge, self.gn.index)
+        return v
+
     def input(self, slot: int) -> torch.Tensor:
-        return self.value_of_input(slot).tensor
+        v = self.value_of_input(slot)
+        return (v if v.exact else self.exact_value(slot)).tensor
 
     def assume_unit(self, key: int | str) -> None:
         """Make input ``key`` (or the output, ``"out"``) read as ones: see :class:`PerUnit`."""
@@ -98,7 +109,8 @@ class RuleContext:
 
     @property
     def output(self) -> torch.Tensor:
-        return self.value_of_output().tensor
+        v = self.value_of_output()
+        return (v if v.exact else self.exact_value("out")).tensor
 
     def input_shape(self, slot: int) -> torch.Size:
         return self._edge_meta(slot)[0]
@@ -150,7 +162,10 @@ class RuleContext:
 
     def affine(self) -> ops.Affine:
         """The op as ``z = linear(x, weight) + bias`` of :attr:`data_slot`, asked of its op entry.
-        With canonization, the batch norm folded into this op is part of the map."""
+        With canonization, the batch norm folded into this op is part of the map. Made once per
+        node (folding scales the weight)."""
+        if self._affine is not None:
+            return self._affine
         view = self.entry.affine(self.node, self.data_slot) if self.entry.affine is not None else None
         if view is None:
             raise LRPError(
@@ -158,7 +173,8 @@ class RuleContext:
                 "for this input), so rules that modify weights do not apply; use Epsilon or Norm here"
             )
         view = self._with_bias(view)
-        return view if self.fused is None else ops.fold(view, self._fused_affine())
+        self._affine = view if self.fused is None else ops.fold(view, self._fused_affine())
+        return self._affine
 
     def _with_bias(self, view: ops.Affine) -> ops.Affine:
         """``view`` with a frozen bias autograd never saw, read from the model when it is passed
@@ -393,7 +409,7 @@ class LRP:
         ``per_unit`` (``"divides"`` or ``"routes"``) says that the relevance arriving is per
         unit of an output value nothing can rebuild (see :class:`PerUnit`)."""
         needs = rule.needs(ctx)
-        partial = []
+        partial = False
         units: tuple[int, ...] = ()
         for slot in needs.inputs:
             try:
@@ -404,18 +420,16 @@ class LRP:
                 ctx.assume_unit(slot)
                 units += (slot,)
                 continue
-            if not v.exact:
-                partial.append(v.mask)
+            partial = partial or not v.exact
         if per_unit == "divides":
             ctx.assume_unit("out")
         elif needs.output:
             v = ctx.value_of_output()
-            if not v.exact:
-                partial.append(v.mask)
+            partial = partial or not v.exact
         if per_unit == "routes":
             units = tuple(range(ctx.num_inputs))
         if partial:
-            _check_partial(ctx, partial, gn)
+            _check_partial(ctx, gn)
         out = rule(ctx)
         if check_each:
             for slot, r in enumerate(out):
@@ -454,6 +468,8 @@ class PerUnit:
 
         A value known on a mask only serves where ``g`` is zero outside it."""
         v = resolver.value(edge, edge[0])
+        if not v.exact and self.g.masked_fill(v.mask, 0).any():
+            v = resolver.exact(edge, edge[0])
         if v.exact:
             r = v.tensor * self.g
         elif not (self.g[~v.mask] != 0).any():
@@ -467,8 +483,10 @@ class PerUnit:
         nonzero (a tensor whose parts other consumers saved); raises otherwise."""
         if self.extra is None:
             return self.g
-        v = resolver.value(edge, edge[0])
         live = self.extra != 0
+        v = resolver.value(edge, edge[0])
+        if not v.exact and live.masked_fill(v.mask, False).any():
+            v = resolver.exact(edge, edge[0])
         known = live if v.exact else live & v.mask
         if (known != live).any() or (v.tensor[live] == 0).any():
             raise _unknown(resolver, edge)
@@ -511,17 +529,24 @@ def _per_unit_in(rule, gn: GNode, entry: ops.OpEntry, graph: Graph, rels: list,
     return [rels[0].per_unit(resolver, (gn.index, 0))], None, mode
 
 
-def _check_partial(ctx: RuleContext, masks: list, gn: GNode) -> None:
-    """A value known only on a mask serves where no relevance flows outside it."""
+def _check_partial(ctx: RuleContext, gn: GNode) -> None:
+    """A value known only on a mask serves where no relevance flows outside it; elsewhere the
+    resolver is asked for the exact value (which may cost a recomputation)."""
     r = ctx.relevance
-    for mask in masks:  # (r outside the mask, as one masked_fill: no boolean indexing)
-        if mask.shape != r.shape or r.masked_fill(mask, 0).any():
-            raise _partial_error(gn)
-    # Fill the unknown positions so that rules see finite numbers (their relevance is 0).
+    one = None
     for key, v in list(ctx._values.items()):
-        if not v.exact:
-            one = torch.ones((), dtype=v.tensor.dtype, device=v.tensor.device)
-            ctx._values[key] = Value(torch.where(v.mask, v.tensor, one))
+        if v.exact:
+            continue
+        # (r outside the mask, as one masked_fill: no boolean indexing)
+        if v.mask.shape != r.shape or r.masked_fill(v.mask, 0).any():
+            v = ctx.exact_value(key)
+            if not v.exact:
+                raise _partial_error(gn)
+        else:  # fill the unknown positions so that rules see finite numbers (their relevance is 0)
+            if one is None:
+                one = torch.ones((), dtype=v.tensor.dtype, device=v.tensor.device)
+            v = Value(torch.where(v.mask, v.tensor, one.to(v.tensor.dtype)))
+        ctx._values[key] = v
 
 
 def _partial_error(gn: GNode) -> UnrecoverableValueError:

@@ -21,6 +21,14 @@ caller passed -- and replays the recorded forward closures to rebuild the value 
 * **Inversion**: where a branch cannot replay a node (its forward closure needs an operand
   autograd never saw, such as the bias of a frozen layer), it asks the node's consumers to
   invert their op from a known output (``a = (a + b) - b``; ``x = relu(x)`` where positive).
+* **Cost**: a value is taken where it costs least. A consumer's saved input comes before
+  the node's own saved tensors; and where those would *recompute* the op (a matrix
+  product, a convolution: :attr:`~dynlrp.ops.OpEntry.own_recomputes`), consumers that
+  invert their op from values that cost nothing come first (the output of a projection
+  from the residual sum a norm saved minus the residual; a layer's output through the
+  ReLU after it, known where positive). Such a value may be partial: the engine uses it
+  where relevance flows only inside its mask, and asks :meth:`PromiseResolver.exact`
+  otherwise.
 
 Relevance is *not* carried along the branches: the deferred rule at A runs as soon as its
 promise resolves, which is immediately, and every internal node is then propagated by the
@@ -36,7 +44,10 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, merge, replay, saved_value
+from .values import Resolver, merge, recomputes, replay, saved_value
+
+#: How many consumer levels an inversion from free values may climb (view, transpose, ...).
+FREE_DEPTH = 12
 
 
 @dataclass(eq=False)
@@ -70,6 +81,9 @@ class PromiseResolver(Resolver):
         self._busy: set[Edge] = set()
         self._not_direct: set[Edge] = set()
         self._failed: set[Edge] = set()
+        self._not_free: set[Edge] = set()
+        self._seen: set[Edge] = set()
+        self._free_cuts = 0
         # For each node a branch walked into or ended at: the edges (consumer, slot) it was
         # reached through. A replayed node reached through a new edge is an aggregation.
         self._entered: dict[int, set[tuple[int, int]]] = {}
@@ -77,29 +91,106 @@ class PromiseResolver(Resolver):
         self.how: dict[Edge, tuple] = {e: ("given",) for e in self.memo}  # the plan (4.4.1)
 
     # -- sources that need no promise -------------------------------------------------
-    def direct(self, edge: Edge) -> Value | None:
-        """The value when it is retrievable without walking: memo, own saved tensors, taps."""
-        if edge in self.memo:
-            return self.memo[edge]
-        if edge in self._not_direct:
-            return None
+    def direct(self, edge: Edge, recompute: bool = True) -> Value | None:
+        """The value when it is retrievable without walking: memo, leaf, taps, own saved tensors.
+        An ``own`` that recomputes the op comes last, after an exact inversion from values
+        that cost nothing, and not at all with ``recompute=False``. A partial value in the
+        memo is returned only when no exact one is found."""
+        known = self.memo.get(edge)
+        if (known is not None and known.exact) or edge in self._not_direct:
+            return known
         var = leaf_variable(self.graph.nodes[edge[0]].fn)
-        value, how = (var.detach(), ("leaf",)) if var is not None else saved_value(self.graph, edge)
+        value, how = (var.detach(), ("leaf",)) if var is not None else saved_value(self.graph, edge, False)
+        if value is None and recomputes(self.graph, edge):
+            if not recompute:
+                return known
+            if known is None:  # (a partial value in the memo is all that inverting gives)
+                inverted = self._inverted(edge, keep_partial=False)
+                if inverted is not None and inverted.exact:
+                    return inverted
+            value, how = saved_value(self.graph, edge)
         if value is None:
             self._not_direct.add(edge)
-            return None
+            return known
         self.memo[edge] = Value(value)
         self.how[edge] = how
         return self.memo[edge]
 
+    def _free(self, edge: Edge, depth: int) -> Value | None:
+        """The value of ``edge`` if it costs nothing to get: saved, or inverted from saved values.
+        Each edge is tried once per top-level request (:meth:`_inverted`), so a request climbs at
+        most ``FREE_DEPTH`` consumer levels and never loops."""
+        found = self.direct(edge, recompute=False)
+        if found is not None or edge in self._not_free:
+            return found
+        if depth >= FREE_DEPTH or edge in self._seen:
+            self._free_cuts += 1
+            return None
+        self._seen.add(edge)
+        cuts = self._free_cuts
+        found = self._invert_free(edge, depth + 1, keep_partial=False)
+        if found is None and cuts == self._free_cuts:
+            self._not_free.add(edge)  # failed on its own, not for want of depth: do not retry
+        return found
+
+    def _inverted(self, edge: Edge, keep_partial: bool) -> Value | None:
+        """A top-level request for ``edge``'s value from consumers' inversions of free values."""
+        self._seen = {edge}
+        try:
+            return self._invert_free(edge, 1, keep_partial)
+        finally:
+            self._seen = set()
+
+    def _invert_free(self, edge: Edge, depth: int, keep_partial: bool) -> Value | None:
+        """``edge``'s value inverted by its consumers from values that cost nothing (no replay,
+        no recompute); memoised when exact, or when partial and ``keep_partial``."""
+        found, used = None, []
+        nodes = self.graph.nodes
+        for consumer, slot in nodes[edge[0]].consumers:
+            cn = nodes[consumer]
+            entry = lookup(cn.name)
+            if entry is None or entry.inverse is None or cn.inputs[slot] != edge:
+                continue
+            out = self._free((consumer, 0), depth)
+            if out is None:
+                continue
+            xs: list = [None] * len(cn.inputs)
+            for s, e in enumerate(cn.inputs):
+                if e is not None and s != slot:
+                    v = self._free(e, depth)
+                    xs[s] = None if v is None or not v.exact else v.tensor
+            got = entry.inverse(cn.fn, out, xs).get(slot)
+            if got is not None:
+                found = merge(found, got)
+                used.append((consumer, slot))
+                if found.exact:
+                    break
+        if found is not None and (found.exact or keep_partial):
+            self.inversions += 1
+            self.memo[edge] = found
+            self.how[edge] = ("inverse", tuple(used))
+        return found
+
     # -- the promise walk -----------------------------------------------------------------
     def value(self, edge: Edge, requester: int) -> Value:
+        found = self.direct(edge, recompute=False)
+        if found is None and recomputes(self.graph, edge):
+            found = self._inverted(edge, keep_partial=True)
+        return found if found is not None else self.exact(edge, requester)
+
+    def exact(self, edge: Edge, requester: int) -> Value:
         found = self.direct(edge)
-        if found is not None:
+        if found is not None and found.exact:
             return found
         promise = Promise(requester)
         self.promises.append(promise)
-        return self._branch(promise, edge)
+        if found is None:
+            return self._branch(promise, edge)
+        # Only part of it is known: walk past the partial value, to its inputs.
+        branch = PromiseBranch(edge)
+        promise.branches.append(branch)
+        value = self._walk_internal(branch, edge, came_from=requester)
+        return found if value is None else value
 
     def _branch(self, promise: Promise, edge: Edge) -> Value:
         branch = PromiseBranch(edge)
@@ -192,7 +283,8 @@ class PromiseResolver(Resolver):
             return None
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for j, o in enumerate(outs):
-            if (gn.index, j) not in self.memo:
+            known = self.memo.get((gn.index, j))
+            if known is None or not known.exact:
                 self.memo[(gn.index, j)] = Value(o.detach())
                 self.how[(gn.index, j)] = ("replay",)
         self.replayed.add(gn.index)

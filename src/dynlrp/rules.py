@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .ops import Affine
 
 
-def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
+def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False) -> torch.Tensor:
     """The epsilon stabiliser of paper Eq. 4, ``z + eps * sign(z)`` with ``sign(0) = +1``,
     scaled to the dtype ``d`` that ``z`` was computed in.
 
@@ -63,15 +63,21 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
         Denominators, any floating dtype.
     eps
         The stabiliser (``>= 0``).
+    nonnegative
+        ``z >= 0`` is known (the positive part of z+ and alpha-beta): ``sign(z) = +1`` everywhere,
+        so ``stab(z) = max(z + eps, tiny_d)`` without a sign test (the same numbers).
 
     Returns
     -------
     torch.Tensor
-        The stabilised denominators, in ``compute_dtype(z.dtype)``.
+        The stabilised denominators, in ``compute_dtype(z.dtype)``: always a new tensor.
     """
     c, tiny = compute_dtype(z.dtype), torch.finfo(z.dtype).tiny
     if z.dtype != c:
         z = z.to(c)
+    if nonnegative and eps > 0:
+        den = z + eps
+        return den if eps >= tiny else den.clamp_(min=tiny)
     if eps == 0:
         zero, one, _ = _constants(z, 0.0)
         return torch.where(z.eq(zero), one, z)
@@ -80,6 +86,16 @@ def stabilize(z: torch.Tensor, eps: float) -> torch.Tensor:
         zero, pos, neg = _constants(z, eps)
         return torch.where(z.ge(zero), pos, neg).add_(z)
     return torch.where(z >= 0, (z + eps).clamp(min=tiny), (z - eps).clamp(max=-tiny))
+
+
+def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = False) -> torch.Tensor:
+    """``r / stab(z)`` (:func:`stabilize`): relevance per unit of the stabilised denominator, the
+    ``s`` of paper Eq. 4. The quotient is written into the denominator's new tensor when the shapes
+    and dtypes allow, so it costs one allocation, not two."""
+    den = stabilize(z, eps, nonnegative)
+    if den.shape == r.shape and den.dtype == r.dtype and den.device == r.device:
+        return torch.div(r, den, out=den)
+    return r / den
 
 
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -217,13 +233,13 @@ class Epsilon(Rule):
         return "divides" if self.eps == 0 else None
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
-        s = ctx.relevance / stabilize(ctx.output, self.eps)
+        s = divide(ctx.relevance, ctx.output, self.eps)
         grads = ctx.vjp(s)
         share = 1.0 / max(len(ctx.reaching), 1) if ctx.kind != "sum" else 1.0
         out: list[torch.Tensor | None] = [None] * ctx.num_inputs
         for i in ctx.reaching:
             r = ctx.input(i) * grads[i]
-            out[i] = r * share if share != 1.0 else r  # (x * 1.0 is x)
+            out[i] = r.mul_(share) if share != 1.0 else r  # (a new tensor: scaled in place)
         return out
 
 
@@ -268,7 +284,7 @@ class Proportional(Epsilon):
         mags = [None if signs[i] is None else ctx.input(i).abs() * torch.sign(signs[i])
                 for i in range(ctx.num_inputs)]
         denom = ctx.forward(mags)
-        grads = ctx.vjp(ctx.relevance / stabilize(denom, self.eps))
+        grads = ctx.vjp(divide(ctx.relevance, denom, self.eps))
         out: list[torch.Tensor | None] = [None] * ctx.num_inputs
         for i in ctx.reaching:
             out[i] = ctx.input(i).abs() * torch.sign(signs[i]) * grads[i]
@@ -352,7 +368,7 @@ def _split(affine: Affine, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor):
 
     The negative half is skipped when ``x`` has no negative entry (after a ReLU): it is 0, and
     ``x+`` is ``x`` itself. ``wb`` may be a function that makes ``W_b`` (called only when needed)."""
-    if not (x < 0).any():
+    if not x.numel() or x.amin() >= 0:
         zp, adj_p = _linear_with_adjoint(affine, x, wa)
         return zp, lambda s: x * adj_p(s)
     xp = x.clamp(min=0)
@@ -462,11 +478,14 @@ class AlphaBeta(Rule):
 
         b = torch.as_tensor(_bias(ctx, affine, x, self.zero_bias), dtype=x.dtype, device=x.device)
         z_pos, back_pos = _split(affine, x, w_pos, w_neg)
-        r = back_pos(ctx.relevance / stabilize(z_pos + b.clamp(min=0), self.eps))
+        if b.dim() or b.item() != 0:  # (a bias; none is the 0 of `_bias`)
+            z_pos = z_pos + b.clamp(min=0)
+        # W+ x+ + W- x- + b+ >= 0: the stabiliser needs no sign test
+        r = back_pos(divide(ctx.relevance, z_pos, self.eps, nonnegative=True))
         r = r if self.alpha == 1.0 else self.alpha * r  # (1.0 * r is r)
         if self.beta != 0:
             z_neg, back_neg = _split(affine, x, w_neg(), w_pos)
-            r = r - self.beta * back_neg(ctx.relevance / stabilize(z_neg + b.clamp(max=0), self.eps))
+            r = r - self.beta * back_neg(divide(ctx.relevance, z_neg + b.clamp(max=0), self.eps))
         return _only(ctx, slot, r)
 
 
@@ -532,7 +551,7 @@ class ZBox(Rule):
         zx, back_x = _linear_with_adjoint(affine, x, w)
         zl, back_l = _linear_with_adjoint(affine, low, w.clamp(min=0))
         zh, back_h = _linear_with_adjoint(affine, high, w.clamp(max=0))
-        s = ctx.relevance / stabilize(zx - zl - zh, self.eps)
+        s = divide(ctx.relevance, zx - zl - zh, self.eps)
         return _only(ctx, slot, x * back_x(s) - low * back_l(s) - high * back_h(s))
 
 
@@ -568,7 +587,7 @@ class WSquare(Rule):
         ones = torch.ones(ctx.input_shape(slot), dtype=affine.weight.dtype, device=ctx.relevance.device)
         z, back = _linear_with_adjoint(affine, ones, affine.weight.detach() ** 2)
         b = _bias(ctx, affine, x, self.zero_bias)
-        return _only(ctx, slot, back(ctx.relevance / stabilize(z + b ** 2, self.eps)))
+        return _only(ctx, slot, back(divide(ctx.relevance, z + b ** 2, self.eps)))
 
 
 class Flat(Rule):
@@ -591,7 +610,7 @@ class Flat(Rule):
         slot, affine = ctx.data_slot, ctx.affine()
         ones = torch.ones(ctx.input_shape(slot), dtype=affine.weight.dtype, device=ctx.relevance.device)
         z, back = _linear_with_adjoint(affine, ones, torch.ones_like(affine.weight))
-        return _only(ctx, slot, back(ctx.relevance / stabilize(z, self.eps)))
+        return _only(ctx, slot, back(divide(ctx.relevance, z, self.eps)))
 
 
 class Folded(Rule):
@@ -714,7 +733,7 @@ class SumWithConstants(Rule):
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if ctx.entry.forward is None:
             return Identity()(ctx)
-        grads = ctx.vjp(ctx.relevance / stabilize(ctx.output, self.eps))
+        grads = ctx.vjp(divide(ctx.relevance, ctx.output, self.eps))
         return _only_slots(ctx, {i: ctx.input(i) * grads[i] for i in ctx.reaching})
 
 
@@ -768,7 +787,13 @@ class UniformProduct(Rule):
         gates = gate_factors(ctx.node, reaching, self.activation_gates) if len(reaching) > 1 else set()
         carriers = [i for i in reaching if i not in gates]
         n = len(carriers)
-        return _only_slots(ctx, {i: sum_to(ctx.relevance, ctx.input_shape(i)) / n for i in carriers})
+        shares: dict[torch.Size, torch.Tensor] = {}  # one tensor per operand shape (never mutated)
+        for i in carriers:
+            shape = ctx.input_shape(i)
+            if shape not in shares:
+                r = sum_to(ctx.relevance, shape)
+                shares[shape] = r if n == 1 else r / n
+        return _only_slots(ctx, {i: shares[ctx.input_shape(i)] for i in carriers})
 
 
 class ValuePathEpsilon(Rule):
@@ -805,7 +830,7 @@ class ValuePathEpsilon(Rule):
         kept = self._kept(ctx)
         if not kept:
             return [None] * ctx.num_inputs
-        grads = ctx.vjp(ctx.relevance / stabilize(ctx.output, self.eps))
+        grads = ctx.vjp(divide(ctx.relevance, ctx.output, self.eps))
         return _only_slots(ctx, {i: ctx.input(i) * grads[i] / len(kept) for i in kept})
 
 
@@ -834,7 +859,7 @@ class ConstantDenominator(Rule):
         if 0 not in ctx.reaching:
             return [None] * ctx.num_inputs
         x = ctx.input(0)
-        s = ctx.relevance / stabilize(ctx.output, self.eps)
+        s = divide(ctx.relevance, ctx.output, self.eps)
         affine = ctx.entry.affine(ctx.node, 0) if ctx.entry.affine is not None else None
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
@@ -892,7 +917,7 @@ class AttnLRPAttention(Rule):
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         shares = _attention_shares(ctx)
-        grads = ctx.vjp(ctx.relevance / stabilize(ctx.output, self.eps))
+        grads = ctx.vjp(divide(ctx.relevance, ctx.output, self.eps))
         return _only_slots(ctx, {i: ctx.input(i) * grads[i] * shares[i] for i in range(3) if shares[i]})
 
 
@@ -918,7 +943,7 @@ class CPAttention(Rule):
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if 2 not in ctx.reaching:
             return [None] * ctx.num_inputs
-        grads = ctx.vjp(ctx.relevance / stabilize(ctx.output, self.eps))
+        grads = ctx.vjp(divide(ctx.relevance, ctx.output, self.eps))
         return _only_slots(ctx, {2: ctx.input(2) * grads[2]})
 
 

@@ -39,7 +39,14 @@ class Resolver:
                       for gn in graph.nodes]
 
     def value(self, edge: Edge, requester: int) -> Value:  # pragma: no cover
+        """The forward value of ``edge``; may be partial (known on a mask) where that is all
+        the graph gives cheaply: the engine asks :meth:`exact` when a rule needs more."""
         raise NotImplementedError
+
+    def exact(self, edge: Edge, requester: int) -> Value:
+        """The forward value of ``edge`` known everywhere if it can be had at any cost (a partial
+        value is returned only when nothing better exists)."""
+        return self.value(edge, requester)
 
     def done(self, i: int) -> None:
         """Node ``i`` was propagated: forget the forward values no later request can need.
@@ -90,22 +97,30 @@ def merge(known: Value | None, more: Value) -> Value:
     return Value(tensor, None if bool(mask.all()) else mask)
 
 
-def saved_value(graph: Graph, edge: Edge) -> tuple[torch.Tensor | None, tuple | None]:
-    """The value of ``edge`` from what autograd saved, and how it was found: the node's own saved
-    tensors (output 0; ``("own",)``), else a consumer's saved input (``("tap", consumer, slot)``).
-    ``(None, None)`` when neither holds it."""
+def saved_value(graph: Graph, edge: Edge, recompute: bool = True) -> tuple[torch.Tensor | None, tuple | None]:
+    """The value of ``edge`` from what autograd saved, and how it was found: a consumer's saved
+    input (``("tap", consumer, slot)``), else the node's own saved tensors (output 0;
+    ``("own",)``). Taps come first: they cost nothing, while an ``own`` may recompute the op
+    (:attr:`~dynlrp.ops.OpEntry.own_recomputes`), which ``recompute=False`` skips.
+    ``(None, None)`` when none holds it."""
     gn = graph.nodes[edge[0]]
-    entry = lookup(gn.name)
-    own = entry.own(gn.fn) if entry is not None and edge[1] == 0 else None
-    if own is not None:
-        return own.detach(), ("own",)
     for consumer, slot in gn.consumers:
         if graph.nodes[consumer].inputs[slot] != edge:
             continue  # the consumer reads another output of this node
         value = tap_value(graph, consumer, slot)
         if value is not None:
             return value, ("tap", consumer, slot)
-    return None, None
+    entry = lookup(gn.name)
+    if entry is None or edge[1] != 0 or (entry.own_recomputes and not recompute):
+        return None, None
+    own = entry.own(gn.fn)
+    return (own.detach(), ("own",)) if own is not None else (None, None)
+
+
+def recomputes(graph: Graph, edge: Edge) -> bool:
+    """Whether the only saved source of ``edge`` may be an ``own`` that recomputes its op."""
+    entry = lookup(graph.nodes[edge[0]].name)
+    return entry is not None and entry.own_recomputes and edge[1] == 0
 
 
 def tap_value(graph: Graph, consumer: int, slot: int) -> torch.Tensor | None:

@@ -13,6 +13,10 @@ rule's job (:mod:`dynlrp.rules`). Each entry declares:
 ``own(node)``
     The node's forward output rebuilt from its *own* saved tensors, or ``None``: a node
     whose ``own`` succeeds is an *Arg Node* of the Promise System (paper 4.3.1).
+``own_recomputes``
+    ``True`` when ``own`` recomputes the op (a matrix product, a convolution) rather than
+    reading a saved result: resolvers then first look where the value costs nothing (a
+    consumer's saved input, an inversion from saved values) and recompute only if needed.
 ``taps(node)``
     The forward *inputs* the node saved, as ``{input index: tensor}``.
 ``forward(node, xs)``
@@ -144,6 +148,7 @@ class OpEntry:
     doc: str = field(default="", compare=False)
     group: str = ""
     affine: Callable[[Any, int], Affine | None] | None = None
+    own_recomputes: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -167,6 +172,7 @@ def register(
     doc: str = "",
     group: str = "",
     affine: Callable[[Any, int], Affine | None] | None = None,
+    own_recomputes: bool = False,
 ) -> None:
     """Register an op entry for one or more autograd node type names.
 
@@ -175,7 +181,8 @@ def register(
     ``"FBackward"``. Registering a name twice replaces the earlier entry.
     """
     for name in (names,) if isinstance(names, str) else names:
-        _REGISTRY[name] = OpEntry(name, kind, contract, forward, own, taps, inverse, doc, group, affine)
+        _REGISTRY[name] = OpEntry(name, kind, contract, forward, own, taps, inverse, doc, group, affine,
+                                   own_recomputes)
 
 
 def lookup(name: str) -> OpEntry | None:

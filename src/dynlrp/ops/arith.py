@@ -47,9 +47,10 @@ def _add_inverse(node, out, xs):
     alpha = _alpha(node)
     known = {}
     if xs[1] is not None:
-        known[0] = _unbroadcast(node, 0, out.tensor - alpha * xs[1], out.mask)
+        known[0] = _unbroadcast(node, 0, out.tensor - (xs[1] if alpha == 1 else alpha * xs[1]), out.mask)
     if xs[0] is not None and alpha != 0:
-        known[1] = _unbroadcast(node, 1, (out.tensor - xs[0]) / alpha, out.mask)
+        b = out.tensor - xs[0]
+        known[1] = _unbroadcast(node, 1, b if alpha == 1 else b / alpha, out.mask)
     return known
 
 

@@ -55,6 +55,7 @@ def register_function(
     inverse: Callable[..., dict[int, Value]] | None = None,
     doc: str = "",
     replace: bool = False,
+    own_recomputes: bool = False,
 ) -> str:
     """Register an op entry for a custom ``torch.autograd.Function`` by its class.
 
@@ -71,6 +72,9 @@ def register_function(
         A line saying what the Function computes.
     replace
         Allow replacing an entry registered for another Function class of the same name.
+    own_recomputes
+        ``own`` recomputes the Function (costly) rather than reading a saved result: the
+        resolver then looks for the output where it costs nothing first.
 
     Returns
     -------
@@ -96,7 +100,8 @@ def register_function(
         extra["own"] = own
     if taps is not None:
         extra["taps"] = taps
-    register(name, kind, contract, forward=forward, inverse=inverse, doc=doc, **extra)
+    register(name, kind, contract, forward=forward, inverse=inverse, doc=doc, own_recomputes=own_recomputes,
+             **extra)
     _CLASSES[name] = function
     return name
 

@@ -88,13 +88,14 @@ def _addmm_affine(node, slot):
 
 
 register("MmBackward0", "linear", "bias", forward=_mm_forward, own=_mm_own,
-         taps=taps_from((0, "self"), (1, "mat2")), group="dense", affine=_mm_affine)
+         taps=taps_from((0, "self"), (1, "mat2")), group="dense", affine=_mm_affine, own_recomputes=True)
 register("AddmmBackward0", "linear", "bias", forward=_addmm_forward, own=_addmm_own,
-         taps=taps_from((1, "mat1"), (2, "mat2")), group="dense", affine=_addmm_affine)
+         taps=taps_from((1, "mat1"), (2, "mat2")), group="dense", affine=_addmm_affine,
+         own_recomputes=True)
 register("BmmBackward0", "linear", "bias",
          forward=lambda n, xs: torch.bmm(operand(n, xs, 0, "self", "first batch"),
                                          operand(n, xs, 1, "mat2", "second batch")),
-         own=_bmm_own, taps=taps_from((0, "self"), (1, "mat2")))
+         own=_bmm_own, taps=taps_from((0, "self"), (1, "mat2")), own_recomputes=True)
 register("MvBackward0", "linear", "bias",
          forward=lambda n, xs: torch.mv(operand(n, xs, 0, "self", "matrix"),
                                         operand(n, xs, 1, "vec", "vector")),
@@ -170,5 +171,6 @@ def _conv_affine(node, slot):
 
 
 register("ConvolutionBackward0", "linear", "bias", forward=_conv_forward, own=_conv_own,
-         taps=taps_from((0, "input"), (1, "weight")), group="conv", affine=_conv_affine)
+         taps=taps_from((0, "input"), (1, "weight")), group="conv", affine=_conv_affine,
+         own_recomputes=True)
 

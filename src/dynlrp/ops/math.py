@@ -270,7 +270,8 @@ def _with_inverse(name: str, inverse) -> None:
     if entry is None or entry.inverse is not None:
         return
     register(name, entry.kind, entry.contract, forward=entry.forward, own=entry.own, taps=entry.taps,
-             inverse=inverse, doc=entry.doc, group=entry.group, affine=entry.affine)
+             inverse=inverse, doc=entry.doc, group=entry.group, affine=entry.affine,
+             own_recomputes=entry.own_recomputes)
 
 
 def _open_interval(out: Value, low: float, high: float, fn) -> dict[int, Value]:

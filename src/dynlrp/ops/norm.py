@@ -7,6 +7,8 @@ the batch statistics autograd saved are used (they mix examples; prefer ``model.
 
 from __future__ import annotations
 
+import torch
+
 from ..dtypes import compute_dtype
 from ..saved import saved
 from . import Affine, register
@@ -24,42 +26,39 @@ def _stats(node, x):
     return mean.reshape(shape), invstd.reshape(shape), shape
 
 
-def _batch_norm(node, x, bias_of):
+def _batch_norm(node, x, bias):
+    """``(x - mean) * invstd * weight + bias`` as one multiply-add, ``x * scale + shift``, with the
+    per-channel ``scale`` and ``shift`` made first. ``bias`` is None when there is none."""
     dtype = x.dtype  # float16 / bfloat16: computed in float32 and rounded once, as the kernel does
     x = x.to(compute_dtype(dtype))
     mean, invstd, shape = _stats(node, x)
-    y = (x - mean) * invstd
     weight = saved(node, "weight")
-    if weight is None:
-        # No weight: a bias in the graph is added; a frozen one cannot be told from none.
-        return (y if not has_edge(node, 2) else y + bias_of().reshape(shape)).to(dtype)
-    return (y * weight.reshape(shape) + bias_of().reshape(shape)).to(dtype)
+    scale = invstd if weight is None else invstd * weight.reshape(shape)
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.reshape(shape)
+    return torch.addcmul(shift.to(x.dtype), x, scale.to(x.dtype)).to(dtype)
+
+
+def _has_bias(node):
+    # No weight: a bias in the graph is added; a frozen one cannot be told from none.
+    return saved(node, "weight") is not None or has_edge(node, 2)
 
 
 def _bn_forward(node, xs):
     x = operand(node, xs, 0, "input", "input")
-    return _batch_norm(node, x, lambda: operand(node, xs, 2, None, "bias", owner=saved(node, "weight")))
-
-
-class _NoBias(Exception):
-    pass
+    bias = operand(node, xs, 2, None, "bias", owner=saved(node, "weight")) if _has_bias(node) else None
+    return _batch_norm(node, x, bias)
 
 
 def _bn_own(node):
     x = saved(node, "input")
     if x is None:
         return None
-
-    def bias():
-        b = leaf_input(node, 2)
-        if b is None:
-            raise _NoBias
-        return b
-
-    try:
-        return _batch_norm(node, x, bias)
-    except _NoBias:
-        return None
+    if not _has_bias(node):
+        return _batch_norm(node, x, None)
+    bias = leaf_input(node, 2)
+    return None if bias is None else _batch_norm(node, x, bias)
 
 
 def _bn_affine(node, slot):
