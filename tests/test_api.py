@@ -161,6 +161,40 @@ def test_nothing_is_mutated(trainable):
     assert not model.training
 
 
+def test_the_garbage_collector_is_paused_during_a_call_and_restored():
+    """A call pauses Python's cyclic collector (what it makes is freed by reference counting) and
+    leaves it as it found it: on, off, after an error, and when a rule calls lrp itself."""
+    import gc
+
+    l1, l2 = two_layers()
+    x = torch.randn(2, 4, requires_grad=True)
+    y = l2(torch.relu(l1(x)))
+    seen = []
+
+    class Inner(dynlrp.rules.Epsilon):
+        def __call__(self, ctx):
+            seen.append(gc.isenabled())
+            with torch.enable_grad():
+                z = l1(x)
+            dynlrp.lrp(z, x)  # a nested call
+            seen.append(gc.isenabled())
+            return super().__call__(ctx)
+
+    was = gc.isenabled()
+    try:
+        for enabled in (True, False):
+            (gc.enable if enabled else gc.disable)()
+            seen.clear()
+            dynlrp.LRP({"linear": Inner()})(y, x)
+            assert seen and not any(seen)
+            assert gc.isenabled() == enabled
+            with pytest.raises(dynlrp.GraphError):
+                dynlrp.lrp(y, torch.randn(2, 4, requires_grad=True))
+            assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
 def test_backward_still_works_after_lrp():
     model = randomize_affine(CNN(bias=True)).eval()
     x = torch.randn(2, 3, 8, 8, requires_grad=True)

@@ -70,7 +70,7 @@ class CoverageReport:
 def coverage(outputs: torch.Tensor | Sequence[torch.Tensor]) -> CoverageReport:
     """Count the graph's autograd nodes (leaves excluded) and name those with no op entry."""
     outputs = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
-    nodes, _ = _walk([y.grad_fn for y in outputs if y.grad_fn is not None])
+    nodes = _walk([y.grad_fn for y in outputs if y.grad_fn is not None])[0]
     names = Counter(n.name for n in nodes if not n.is_leaf)
     uncovered = {name: c for name, c in names.items() if ops.lookup(name) is None}
     total = sum(names.values())

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
+from .dtypes import compute_dtype
 from .errors import GraphError
-from .saved import leaf_variable, node_name, num_outputs, output_meta
+from .saved import decode_metas, node_facts, node_name
 
 Edge = tuple[int, int]  # (node index, output index)
 
@@ -26,32 +27,52 @@ class GNode:
     """One autograd node in the auxiliary graph.
 
     Besides the structure, a node caches facts the traversal asks for at every visit:
-    ``is_leaf``, ``graph_inputs`` (input slots with an edge), ``reaching`` (those whose child
-    leads to a requested input; set by :func:`build`) and its outputs' metadata
-    (:meth:`meta`)."""
+    ``is_leaf``, ``num_inputs``, ``graph_inputs`` (input slots with an edge), ``reaching``
+    (those whose child leads to a requested input; set by :func:`build`), its outputs'
+    metadata (:meth:`meta`) and its reaching input edges with the dtype relevance is carried
+    in there (:meth:`relevance_edges`)."""
 
     __slots__ = ("fn", "name", "index", "inputs", "consumers", "reaches", "is_leaf", "num_outputs",
-                 "graph_inputs", "reaching", "_meta")
+                 "num_inputs", "graph_inputs", "reaching", "_raw", "_meta", "_edges")
 
-    def __init__(self, fn: Any, name: str, index: int, is_leaf: bool = False, outputs: int = 1) -> None:
+    def __init__(self, fn: Any, name: str, index: int, is_leaf: bool = False, outputs: int = 1,
+                 raw: tuple | None = None) -> None:
         self.fn = fn
         self.name = name
         self.index = index
-        self.inputs: list[Edge | None] = []
+        self.inputs: tuple[Edge | None, ...] = ()  # set by the graph builder
         self.consumers: list[tuple[int, int]] = []  # (consumer, input slot)
         self.reaches = False
         self.is_leaf = is_leaf
         self.num_outputs = outputs  # forward outputs
+        self.num_inputs = 0
         self.graph_inputs: tuple[int, ...] = ()
         self.reaching: tuple[int, ...] = ()
+        self._raw = raw  # the node's output metadata as autograd keeps it (decoded on demand)
         self._meta: list | None = None
+        self._edges: tuple | None = None
 
     def meta(self, k: int = 0) -> tuple[torch.Size, torch.dtype, torch.device]:
         """Shape, dtype and device of forward output ``k`` (read once, then cached)."""
         metas = self._meta
         if metas is None:
-            metas = self._meta = [output_meta(self.fn, j) for j in range(self.num_outputs)]
+            metas = self._meta = decode_metas(self.fn, self._raw)
+            self._raw = None
         return metas[k]
+
+    def relevance_edges(self, nodes: list[GNode]) -> tuple[tuple[int, Edge, torch.dtype], ...]:
+        """``(slot, edge, dtype)`` for each slot in :attr:`reaching`: where relevance goes, and
+        the dtype it is carried in there (:func:`~dynlrp.dtypes.compute_dtype`); ``nodes`` are
+        the graph's."""
+        edges = self._edges
+        if edges is None:
+            inputs = self.inputs
+            found = []
+            for s in self.reaching:
+                c, k = inputs[s]
+                found.append((s, inputs[s], compute_dtype(nodes[c].meta(k)[1])))
+            edges = self._edges = tuple(found)
+        return edges
 
     def __repr__(self) -> str:
         return f"GNode({self.index}, {self.name}, inputs={self.inputs})"
@@ -71,37 +92,82 @@ class Graph:
 
     def signature(self) -> tuple:
         """Structure of the graph (op names and edges): equal for the same architecture."""
-        return tuple((n.name, tuple(n.inputs)) for n in self.nodes) + (tuple(self.roots), tuple(self.targets))
+        nodes = self.nodes
+        return (tuple([n.name for n in nodes]), tuple([n.inputs for n in nodes]), tuple(self.roots),
+                tuple(self.targets))
 
 
-def _walk(root_fns: list[Any]) -> tuple[list[GNode], dict[Any, int]]:
+def _walk(root_fns: list[Any]) -> tuple[list[GNode], dict[Any, int], dict[int, int]]:
     index: dict[Any, int] = {}
-    nodes: list[GNode] = []
+    fns: list[Any] = []
     edges: list[tuple] = []  # each node's next_functions, read once
-    stack = [fn for fn in root_fns]
+    stack = list(root_fns)
+    pop, push, add_fn, add_edges = stack.pop, stack.append, fns.append, edges.append
     while stack:
-        fn = stack.pop()
+        fn = pop()
         if fn in index:
             continue
-        index[fn] = len(nodes)
+        index[fn] = len(fns)
+        add_fn(fn)
         nexts = fn.next_functions
-        leaf = leaf_variable(fn) is not None
-        nodes.append(GNode(fn, node_name(fn), len(nodes), leaf, 1 if leaf else num_outputs(fn)))
-        edges.append(nexts)
+        add_edges(nexts)
         for child, _ in nexts:
             if child is not None and child not in index:
-                stack.append(child)
+                push(child)
+    nodes: list[GNode] = []
+    leaves: dict[int, int] = {}  # id(leaf tensor) -> node
+    add = nodes.append
+    for i, fn in enumerate(fns):
+        name, var, raw = node_facts(fn)
+        if var is not None:
+            leaves[id(var)] = i
+            add(GNode(fn, name, i, True, 1))
+        else:
+            add(GNode(fn, name, i, False, len(raw), raw))
     for gn, nexts in zip(nodes, edges):
-        inputs = gn.inputs
+        i = gn.index
+        n = len(nexts)
+        if n == 1:  # (most nodes have one or two inputs)
+            child, k = nexts[0]
+            gn.num_inputs = 1
+            if child is None:
+                gn.inputs = (None,)
+            else:
+                c = index[child]
+                gn.inputs = ((c, k),)
+                nodes[c].consumers.append((i, 0))
+                gn.graph_inputs = (0,)
+            continue
+        if n == 2:
+            (a, ka), (b, kb) = nexts
+            gn.num_inputs = 2
+            ea = eb = None
+            if a is not None:
+                ea = (index[a], ka)
+                nodes[ea[0]].consumers.append((i, 0))
+            if b is not None:
+                eb = (index[b], kb)
+                nodes[eb[0]].consumers.append((i, 1))
+            gn.inputs = (ea, eb)
+            if ea is not None:
+                gn.graph_inputs = (0, 1) if eb is not None else (0,)
+            elif eb is not None:
+                gn.graph_inputs = (1,)
+            continue
+        inputs: list = []
+        graph_inputs = []
         for slot, (child, k) in enumerate(nexts):
             if child is None:
                 inputs.append(None)
             else:
                 c = index[child]
                 inputs.append((c, k))
-                nodes[c].consumers.append((gn.index, slot))
-        gn.graph_inputs = tuple(s for s, e in enumerate(inputs) if e is not None)
-    return nodes, index
+                nodes[c].consumers.append((i, slot))
+                graph_inputs.append(slot)
+        gn.inputs = tuple(inputs)
+        gn.num_inputs = len(inputs)
+        gn.graph_inputs = tuple(graph_inputs)
+    return nodes, index, leaves
 
 
 def _target_edge(t: torch.Tensor, index: dict[Any, int], leaves: dict[int, int], pos: int) -> Edge:
@@ -154,8 +220,7 @@ def build(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Gr
                 "Run the forward pass with grad enabled (not under torch.no_grad() or "
                 "torch.inference_mode()) and with `requires_grad_(True)` on the input."
             )
-    nodes, index = _walk([y.grad_fn for y in outputs])
-    leaves = {id(leaf_variable(n.fn)): n.index for n in nodes if n.is_leaf}
+    nodes, index, leaves = _walk([y.grad_fn for y in outputs])
     targets = [_target_edge(t, index, leaves, pos) for pos, t in enumerate(inputs)]
     roots = [(index[y.grad_fn], y.output_nr) for y in outputs]
 
@@ -164,8 +229,11 @@ def build(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Gr
     order = _topological(nodes, roots)
     for i in reversed(order):
         gn = nodes[i]
-        gn.reaching = tuple(s for s in gn.graph_inputs if nodes[gn.inputs[s][0]].reaches)
-        gn.reaches = i in target_nodes or bool(gn.reaching)
+        inputs, graph_inputs = gn.inputs, gn.graph_inputs
+        reaching = [s for s in graph_inputs if nodes[inputs[s][0]].reaches] if graph_inputs else ()
+        # (one tuple per distinct set of slots: most nodes share their graph_inputs' tuple)
+        gn.reaching = graph_inputs if len(reaching) == len(graph_inputs) else tuple(reaching)
+        gn.reaches = bool(reaching) or i in target_nodes
     graph = Graph(nodes, roots, targets, [i for i in order if nodes[i].reaches])
     graph._index = index
     return graph
@@ -177,15 +245,17 @@ def _topological(nodes: list[GNode], roots: list[Edge]) -> list[int]:
     indegree = [len(n.consumers) for n in nodes]
     stack = sorted({r for r, _ in roots if indegree[r] == 0}, reverse=True)
     order: list[int] = []
+    pop, push, visit = stack.pop, stack.append, order.append
     while stack:
-        i = stack.pop()
-        order.append(i)
+        i = pop()
+        visit(i)
         for e in nodes[i].inputs:
             if e is None:
                 continue
-            indegree[e[0]] -= 1
-            if indegree[e[0]] == 0:
-                stack.append(e[0])
+            c = e[0]
+            left = indegree[c] = indegree[c] - 1
+            if left == 0:
+                push(c)
     if len(order) != len(nodes):  # an output that another output consumes
         seen = set(order)
         rest = [n.index for n in nodes if n.index not in seen]

@@ -60,13 +60,35 @@ class PlannedResolver(Resolver):
         return self.memo[edge]
 
     def _get(self, edge: Edge) -> Value:
-        if edge in self.memo:
-            return self.memo[edge]
+        memo = self.memo
+        value = memo.get(edge)
+        if value is not None:
+            return value
         how = self.plan.how.get(edge)
         if how is None:
             raise PlanMismatch(f"no recipe for {edge}")
         gn = self.graph.nodes[edge[0]]
         kind = how[0]
+        if kind == "replay":  # (the most common recipe first)
+            xs = []
+            for e in gn.inputs:
+                if e is None:
+                    xs.append(None)
+                    continue
+                v = memo.get(e) or self._get(e)
+                if v.mask is not None:
+                    raise PlanMismatch("a replay needs an exact value")
+                xs.append(v.tensor)
+            out = replay(lookup(gn.name), gn.fn, xs, self.params)
+            i = gn.index
+            if isinstance(out, (tuple, list)):
+                for j, o in enumerate(out):
+                    if (i, j) not in memo:
+                        memo[(i, j)] = Value(o.detach())
+                return memo[edge]
+            if (i, 0) not in memo:
+                memo[(i, 0)] = Value(out.detach())
+            return memo[edge]
         if kind == "leaf":
             value = Value(leaf_variable(gn.fn).detach())
         elif kind == "own":
@@ -79,13 +101,6 @@ class PlannedResolver(Resolver):
             if tapped is None:
                 raise PlanMismatch(f"{self.graph.nodes[how[1]].name} no longer saves its input")
             value = Value(tapped)
-        elif kind == "replay":
-            xs = [None if e is None else self._exact(e) for e in gn.inputs]
-            out = replay(lookup(gn.name), gn.fn, xs, self.params)
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            for j, o in enumerate(outs):
-                self.memo.setdefault((gn.index, j), Value(o.detach()))
-            return self.memo[edge]
         elif kind == "inverse":
             value = None
             for consumer, slot in how[1]:

@@ -127,6 +127,7 @@ class _GraphView:
 
 
 _PASS = R.Pass()
+_UNSET = object()
 
 
 class RuleSet:
@@ -156,6 +157,7 @@ class RuleSet:
         self.canonize = bool(canonize)
         self.model = model
         self._views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._last: tuple | None = None  # (weak reference to a graph, its view)
 
     # -- building ---------------------------------------------------------------------------
     def override(self, mapping: Mapping[Key, R.Rule] | None = None, *,
@@ -203,9 +205,10 @@ class RuleSet:
                                           if not isinstance(k, str)]
         if not selectors:  # by op name, group or kind only: the same for every node of a type
             key = (gn.name, entry.kind)
-            if key not in view.by_name:
-                view.by_name[key] = self.rule_for(gn.name, entry.kind, gn.fn)
-            return view.by_name[key]
+            rule = view.by_name.get(key, _UNSET)
+            if rule is _UNSET:
+                rule = view.by_name[key] = self.rule_for(gn.name, entry.kind, gn.fn)
+            return rule
         module = None
         if any(isinstance(k, Module) for k, _ in selectors):
             module = self._module_of(view, graph, gn, entry)
@@ -224,12 +227,16 @@ class RuleSet:
 
     # -- per-graph work -----------------------------------------------------------------------
     def _view(self, graph: Any) -> _GraphView:
+        last = self._last  # (the graph of the call in progress: asked once per node)
+        if last is not None and last[0]() is graph:
+            return last[1]
         view = self._views.get(graph)
         if view is None:
             view = _GraphView()
             if self.canonize:
                 _find_folds(graph, view)
             self._views[graph] = view
+        self._last = (weakref.ref(graph), view)
         return view
 
     def _first(self, view: _GraphView, graph: Any, key: First) -> set[int]:

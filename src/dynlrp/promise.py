@@ -49,6 +49,8 @@ from .values import Resolver, merge, recomputes, replay, saved_value
 #: How many consumer levels an inversion from free values may climb (view, transpose, ...).
 FREE_DEPTH = 12
 
+_REPLAY = ("replay",)
+
 
 @dataclass(eq=False)
 class PromiseBranch:
@@ -213,7 +215,7 @@ class PromiseResolver(Resolver):
         if edge in self._failed:
             return None
         self._busy.add(edge)
-        self._entered.setdefault(edge[0], set()).add((came_from, slot))
+        self._entered_at(edge[0]).add((came_from, slot))
         cuts = self._cuts
         try:
             value = self._walk_internal(branch, edge, came_from)
@@ -227,8 +229,11 @@ class PromiseResolver(Resolver):
         i, k = edge
         gn = self.graph.nodes[i]
         branch.path.append(i)
-        if any(not self.processed[c] for c, _ in gn.consumers if c != came_from):
-            self.pre_promises += 1
+        processed = self.processed
+        for c, _ in gn.consumers:
+            if c != came_from and not processed[c]:
+                self.pre_promises += 1
+                break
         value = self._replay(branch, gn, k)
         if value is None:
             value = self._invert(branch, edge)
@@ -245,13 +250,19 @@ class PromiseResolver(Resolver):
         """
         if value is None:
             return None
-        entered = self._entered.setdefault(edge[0], set())
+        entered = self._entered_at(edge[0])
         if edge[0] in self.replayed and via not in entered:
             self.aggregations += 1
         entered.add(via)
         if branch.arg_node is None:
             branch.arg_node = edge[0]
         return value
+
+    def _entered_at(self, i: int) -> set[tuple[int, int]]:
+        entered = self._entered.get(i)
+        if entered is None:
+            entered = self._entered[i] = set()
+        return entered
 
     def _replay(self, branch: PromiseBranch, gn, k: int) -> Value | None:
         entry = lookup(gn.name)
@@ -282,13 +293,14 @@ class PromiseResolver(Resolver):
         except MissingOperand:
             return None
         outs = out if isinstance(out, (tuple, list)) else (out,)
+        memo, how, i = self.memo, self.how, gn.index
         for j, o in enumerate(outs):
-            known = self.memo.get((gn.index, j))
+            known = memo.get((i, j))
             if known is None or not known.exact:
-                self.memo[(gn.index, j)] = Value(o.detach())
-                self.how[(gn.index, j)] = ("replay",)
-        self.replayed.add(gn.index)
-        return self.memo.get((gn.index, k))
+                memo[(i, j)] = Value(o.detach())
+                how[(i, j)] = _REPLAY
+        self.replayed.add(i)
+        return memo.get((i, k))
 
     def _invert(self, branch: PromiseBranch, edge: Edge) -> Value | None:
         i, _ = edge

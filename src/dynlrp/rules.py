@@ -72,20 +72,30 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False) -> torch.T
     torch.Tensor
         The stabilised denominators, in ``compute_dtype(z.dtype)``: always a new tensor.
     """
-    c, tiny = compute_dtype(z.dtype), torch.finfo(z.dtype).tiny
-    if z.dtype != c:
+    dtype = z.dtype
+    key = (dtype, z.device, eps)
+    how = _STABILIZERS.get(key)
+    if how is None:
+        c, tiny = compute_dtype(dtype), torch.finfo(dtype).tiny
+        how = (c, tiny, eps >= tiny, _constants(z.to(c) if dtype != c else z, eps))
+        if len(_STABILIZERS) < 256:
+            _STABILIZERS[key] = how
+    c, tiny, textbook, (zero, pos, neg) = how
+    if dtype != c:
         z = z.to(c)
     if nonnegative and eps > 0:
         den = z + eps
         return den if eps >= tiny else den.clamp_(min=tiny)
     if eps == 0:
-        zero, one, _ = _constants(z, 0.0)
-        return torch.where(z.eq(zero), one, z)
-    if eps >= tiny:  # float32 and float64 with any usual eps: the textbook formula,
+        return torch.where(z.eq(zero), pos, z)  # (0, 1, -1): zeros become ones
+    if textbook:  # float32 and float64 with any usual eps: the textbook formula,
         # as z + where(z >= 0, eps, -eps): the same sums, in three kernels instead of four
-        zero, pos, neg = _constants(z, eps)
         return torch.where(z.ge(zero), pos, neg).add_(z)
     return torch.where(z >= 0, (z + eps).clamp(min=tiny), (z - eps).clamp(max=-tiny))
+
+
+# (dtype, device, eps) -> (compute dtype, tiny, eps >= tiny, constants): what stabilize works out once
+_STABILIZERS: dict[tuple, tuple] = {}
 
 
 def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = False) -> torch.Tensor:
@@ -170,6 +180,22 @@ class Needs:
     output: bool = False
 
 
+_NEEDS: dict[tuple, Needs] = {}
+
+
+def _needs(inputs: tuple[int, ...] = (), output: bool = False) -> Needs:
+    """``Needs(inputs, output)``, made once per value (rules ask for it at every node)."""
+    if type(inputs) is not tuple:
+        inputs = tuple(inputs)
+    key = (inputs, output)
+    found = _NEEDS.get(key)
+    if found is None:
+        found = Needs(inputs, bool(output))
+        if len(_NEEDS) < 1024:
+            _NEEDS[key] = found
+    return found
+
+
 class Rule:
     """Base class. Subclasses define :meth:`needs` and :meth:`__call__`.
 
@@ -195,7 +221,7 @@ class Rule:
     fused: int | None = None
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs()
+        return _needs()
 
     def factors(self, ctx: RuleContext) -> tuple[int, ...]:
         return ()
@@ -224,7 +250,7 @@ class Epsilon(Rule):
         self.eps = float(eps)
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs(inputs=ctx.reaching, output=True)
+        return _needs(ctx.reaching, True)
 
     def factors(self, ctx: RuleContext) -> tuple[int, ...]:
         return ctx.reaching
@@ -264,9 +290,9 @@ class Proportional(Epsilon):
 
     def needs(self, ctx: RuleContext) -> Needs:
         if self._has_constant(ctx):
-            return Needs()
+            return _needs()
         if self.absolute:
-            return Needs(inputs=ctx.graph_inputs, output=False)
+            return _needs(inputs=ctx.graph_inputs, output=False)
         return super().needs(ctx)
 
     def factors(self, ctx: RuleContext) -> tuple[int, ...]:
@@ -410,7 +436,7 @@ class Gamma(Rule):
         self.zero_bias = bool(zero_bias)
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs(inputs=(ctx.data_slot,), output=True)
+        return _needs(inputs=(ctx.data_slot,), output=True)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         slot, affine = ctx.data_slot, ctx.affine()
@@ -463,7 +489,7 @@ class AlphaBeta(Rule):
         self.zero_bias = bool(zero_bias)
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs(inputs=(ctx.data_slot,), output=_bias_needs_values(ctx, self.zero_bias))
+        return _needs(inputs=(ctx.data_slot,), output=_bias_needs_values(ctx, self.zero_bias))
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         slot, affine = ctx.data_slot, ctx.affine()
@@ -541,7 +567,7 @@ class ZBox(Rule):
         self.eps = float(eps)
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs(inputs=(ctx.data_slot,))
+        return _needs(inputs=(ctx.data_slot,))
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         slot, affine = ctx.data_slot, ctx.affine()
@@ -578,8 +604,8 @@ class WSquare(Rule):
 
     def needs(self, ctx: RuleContext) -> Needs:
         if _bias_needs_values(ctx, self.zero_bias):
-            return Needs(inputs=(ctx.data_slot,), output=True)
-        return Needs()
+            return _needs(inputs=(ctx.data_slot,), output=True)
+        return _needs()
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         slot, affine = ctx.data_slot, ctx.affine()
@@ -686,7 +712,7 @@ class SoftmaxDT(Rule):
     """
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs(inputs=ctx.reaching, output=True)
+        return _needs(ctx.reaching, True)
 
     def factors(self, ctx: RuleContext) -> tuple[int, ...]:
         return ctx.reaching  # x enters only as the final factor: eager attention's `scores + mask`
@@ -721,8 +747,8 @@ class SumWithConstants(Rule):
 
     def needs(self, ctx: RuleContext) -> Needs:
         if ctx.entry.forward is None:
-            return Needs()
-        return Needs(inputs=ctx.reaching, output=True)
+            return _needs()
+        return _needs(ctx.reaching, True)
 
     def factors(self, ctx: RuleContext) -> tuple[int, ...]:
         return () if ctx.entry.forward is None else ctx.reaching
@@ -818,7 +844,7 @@ class ValuePathEpsilon(Rule):
         return tuple(i for i in ctx.reaching if i not in probs)
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs(inputs=self._kept(ctx), output=True)
+        return _needs(inputs=self._kept(ctx), output=True)
 
     def factors(self, ctx: RuleContext) -> tuple[int, ...]:
         return self._kept(ctx)
@@ -851,7 +877,7 @@ class ConstantDenominator(Rule):
         self.eps = float(eps)
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs(inputs=ctx.graph_inputs if 0 in ctx.reaching else (), output=0 in ctx.reaching)
+        return _needs(inputs=ctx.graph_inputs if 0 in ctx.reaching else (), output=0 in ctx.reaching)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         from .ops import MissingOperand
@@ -907,7 +933,7 @@ class AttnLRPAttention(Rule):
         self.eps = float(eps)
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs(inputs=tuple(i for i in ctx.reaching if i < 3), output=True)
+        return _needs(inputs=tuple(i for i in ctx.reaching if i < 3), output=True)
 
     def factors(self, ctx: RuleContext) -> tuple[int, ...]:
         return tuple(i for i in ctx.reaching if i < 3)
@@ -932,7 +958,7 @@ class CPAttention(Rule):
         self.eps = float(eps)
 
     def needs(self, ctx: RuleContext) -> Needs:
-        return Needs(inputs=(2,) if 2 in ctx.reaching else (), output=2 in ctx.reaching)
+        return _needs(inputs=(2,) if 2 in ctx.reaching else (), output=2 in ctx.reaching)
 
     def factors(self, ctx: RuleContext) -> tuple[int, ...]:
         return (2,) if 2 in ctx.reaching else ()

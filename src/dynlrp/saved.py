@@ -90,6 +90,25 @@ def output_meta(node: Any, index: int) -> tuple[torch.Size, torch.dtype, torch.d
     return torch.Size(meta.shape), meta.dtype, meta.device
 
 
+def node_facts(node: Any) -> tuple[str, torch.Tensor | None, tuple | None]:
+    """``(name, leaf tensor or None, output metadata or None)`` of ``node``, read once: what the
+    graph builder asks of every node (the metadata is decoded by :func:`decode_metas`)."""
+    try:
+        name = node.name()
+    except AttributeError:
+        name = type(node).__name__
+    var = getattr(node, "variable", None)
+    return name, var, (None if var is not None else node._input_metadata)
+
+
+def decode_metas(node: Any, metadata: tuple | None) -> list[tuple[torch.Size, torch.dtype, torch.device]]:
+    """:func:`output_meta` of every output, from the metadata :func:`node_facts` read."""
+    if metadata is None:
+        return [output_meta(node, 0)]
+    size = torch.Size
+    return [(size(m.shape), m.dtype, m.device) for m in metadata]
+
+
 def num_outputs(node: Any) -> int:
     """How many forward outputs ``node`` has (1 for leaves)."""
     if leaf_variable(node) is not None:

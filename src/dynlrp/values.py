@@ -35,7 +35,7 @@ class Resolver:
         self._given = set(self.memo)
         # Per node: how many of its input edges lead to nodes the traversal has yet to
         # propagate (-1: an input that the traversal never visits, so never).
-        self._left = [len(gn.reaching) if len(gn.reaching) == len(gn.graph_inputs) else -1
+        self._left = [len(r) if (r := gn.reaching) is (g := gn.graph_inputs) or len(r) == len(g) else -1
                       for gn in graph.nodes]
 
     def value(self, edge: Edge, requester: int) -> Value:  # pragma: no cover
@@ -61,8 +61,8 @@ class Resolver:
         left = self._left
         if left[i] == 0:
             self._release(i)
-        nodes, processed = self.graph.nodes, self.processed
-        for c, _ in nodes[i].consumers:
+        processed = self.processed
+        for c, _ in self.graph.nodes[i].consumers:
             n = left[c]
             if n > 0:
                 left[c] = n = n - 1
@@ -71,9 +71,10 @@ class Resolver:
 
     def _release(self, i: int) -> None:
         memo, given = self.memo, self._given
-        for k in range(self.graph.nodes[i].num_outputs):
-            if (i, k) not in given:
-                memo.pop((i, k), None)
+        n = self.graph.nodes[i].num_outputs
+        for edge in ((i, 0),) if n == 1 else [(i, k) for k in range(n)]:
+            if edge not in given:
+                memo.pop(edge, None)
 
     def output(self, i: int, k: int = 0) -> Value:
         return self.value((i, k), i)
@@ -212,13 +213,20 @@ def _row_block(view: torch.Tensor, weight: torch.Tensor) -> slice | None:
 
 def replay(entry, node, xs: list, params: Parameters | None):
     """Run an op's forward closure; operands autograd did not keep come from ``params``."""
+    try:
+        return entry.forward(node, xs)  # (the usual case: no copy of xs, no retries)
+    except MissingOperand as exc:
+        if params is None:
+            raise
+        missing = exc
     xs = list(xs)
-    for _ in range(len(xs) + 1):
+    for _ in range(len(xs)):
+        found = None if missing.slot is None else params.bias_for(missing.owner)
+        if found is None or xs[missing.slot] is not None:
+            raise missing
+        xs[missing.slot] = found
         try:
             return entry.forward(node, xs)
-        except MissingOperand as missing:
-            found = None if params is None or missing.slot is None else params.bias_for(missing.owner)
-            if found is None or xs[missing.slot] is not None:
-                raise
-            xs[missing.slot] = found
+        except MissingOperand as exc:
+            missing = exc
     raise MissingOperand(f"operands of {node.name()}")

@@ -23,7 +23,8 @@ def _alpha(node):
 def _add_forward(node, xs):
     a = operand(node, xs, 0, None, "first operand")
     b = operand(node, xs, 1, None, "second operand")
-    return a + _alpha(node) * b
+    alpha = _alpha(node)
+    return a + b if alpha == 1 else a + alpha * b  # (1 * b is b: one kernel fewer)
 
 
 def _unbroadcast(node, index, tensor, mask):
@@ -57,7 +58,8 @@ def _add_inverse(node, out, xs):
 def _sub_forward(node, xs):
     a = operand(node, xs, 0, None, "first operand")
     b = operand(node, xs, 1, None, "second operand")
-    return a - _alpha(node) * b
+    alpha = _alpha(node)
+    return a - b if alpha == 1 else a - alpha * b
 
 
 def _sub_inverse(node, out, xs):
@@ -102,8 +104,11 @@ def _mul_forward(node, xs):
 
 
 def _mul_own(node):
-    a, b = saved(node, "self"), saved(node, "other")
-    if a is None or b is None or not (has_edge(node, 0) or has_edge(node, 1)):
+    a = saved(node, "self")
+    if a is None:
+        return None
+    b = saved(node, "other")
+    if b is None or not (has_edge(node, 0) or has_edge(node, 1)):
         return None
     return a * b
 

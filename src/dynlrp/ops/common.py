@@ -33,11 +33,28 @@ def leaf_input(node: Any, index: int) -> torch.Tensor | None:
 
 
 def has_edge(node: Any, index: int) -> bool:
-    return index < len(node.next_functions) and node.next_functions[index][0] is not None
+    nexts = node.next_functions
+    return index < len(nexts) and nexts[index][0] is not None
 
 
 def out_shape(node: Any, index: int = 0) -> torch.Size:
     return output_meta(node, index)[0]
+
+
+_SCALARS: dict[tuple, torch.Tensor] = {}
+
+
+def scalar(value: float, like: torch.Tensor) -> torch.Tensor:
+    """``value`` as a 0-d tensor of ``like``'s dtype and device, made once. (An operation with a
+    Python number wraps it in a new tensor every time, which on small tensors costs more than the
+    operation: ``t.gt(scalar(0, t))`` is ``t > 0``, in a third of the time.)"""
+    key = (value, like.dtype, like.device)
+    found = _SCALARS.get(key)
+    if found is None:
+        found = torch.tensor(value, dtype=like.dtype, device=like.device)
+        if len(_SCALARS) < 256:
+            _SCALARS[key] = found
+    return found
 
 
 def taps_from(*pairs: tuple[int, str]):
@@ -45,9 +62,10 @@ def taps_from(*pairs: tuple[int, str]):
 
     def taps(node: Any) -> dict[int, torch.Tensor]:
         found = {}
+        nexts = node.next_functions  # (read once: has_edge for every pair)
         for index, name in pairs:
             value = saved(node, name)
-            if isinstance(value, torch.Tensor) and has_edge(node, index):
+            if isinstance(value, torch.Tensor) and index < len(nexts) and nexts[index][0] is not None:
                 found[index] = value
         return found
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ..saved import output_meta, saved
 from . import Value, register
-from .common import taps_from
+from .common import scalar, taps_from
 
 
 def _result(node):
@@ -29,7 +29,7 @@ def _identity_inverse(node, out, xs):
 
 def _relu_inverse(node, out, xs):
     # relu(x) = out: x is known exactly where out > 0 and unknown where it was clipped.
-    mask = out.tensor > 0
+    mask = out.tensor.gt(scalar(0, out.tensor))
     return {0: Value(out.tensor, mask if out.mask is None else mask & out.mask)}
 
 

@@ -25,8 +25,11 @@ def _mm_forward(node, xs):
 
 
 def _mm_own(node):
-    a, b = saved(node, "self"), saved(node, "mat2")
-    return None if a is None or b is None else a @ b
+    a = saved(node, "self")
+    if a is None:  # (a frozen weight: autograd kept only the weight)
+        return None
+    b = saved(node, "mat2")
+    return None if b is None else a @ b
 
 
 def _addmm_forward(node, xs):
