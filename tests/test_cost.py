@@ -190,3 +190,4 @@ def test_second_calls_take_the_same_sources(cached):
         fresh, = dynlrp.LRP(rules, cache=False)(model(x), x)
         assert_close(got, fresh)
     assert engine.stats["cached_plan"] is cached
+

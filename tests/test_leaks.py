@@ -133,3 +133,34 @@ def test_engine_keeps_no_reference_after_returning():
     for plan in engine.plans.values():
         for value in vars(plan).values():
             assert not isinstance(value, torch.Tensor)
+
+
+@pytest.mark.parametrize("mode", ["promise", "cached", "recorded"])
+def test_a_call_leaves_no_reference_cycle(mode):
+    """Everything a call makes is freed by reference counting when it returns: the engine
+    pauses the cyclic collector during a call, so a cycle holding a tensor (an exception kept
+    in a local: its traceback holds the frame) would hold the tensor until the collector ran --
+    50 MiB more peak memory on ResNet-50. Frozen batch-norm biases exercise the path where a
+    replay meets a missing operand and retries with the model's bias."""
+    model = _resnet()[0]
+    engine = dynlrp.LRP("epsilon_plus")
+    was = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(2 if mode == "cached" else 1):
+            x = torch.randn(1, 3, 16, 16, requires_grad=True)
+            with dynlrp.record() as tape:
+                y = model(x)
+            engine(y, x, _seed(y), model=model, tape=tape if mode == "recorded" else None)
+        del x, y, tape
+        gc.collect()
+        tensors = [o for o in gc.garbage if isinstance(o, torch.Tensor)]
+        frames = {o.f_code.co_name for o in gc.garbage if type(o).__name__ == "frame"}
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        if was:
+            gc.enable()
+    assert not tensors, f"{len(tensors)} tensors in reference cycles; frames: {sorted(frames)}"

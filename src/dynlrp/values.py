@@ -212,21 +212,25 @@ def _row_block(view: torch.Tensor, weight: torch.Tensor) -> slice | None:
 
 
 def replay(entry, node, xs: list, params: Parameters | None):
-    """Run an op's forward closure; operands autograd did not keep come from ``params``."""
+    """Run an op's forward closure; operands autograd did not keep come from ``params``.
+
+    (No exception object outlives its ``except`` clause: one kept in a local would hold this
+    frame, and the tensors in it, in a reference cycle until the garbage collector runs.)"""
     try:
         return entry.forward(node, xs)  # (the usual case: no copy of xs, no retries)
     except MissingOperand as exc:
         if params is None:
             raise
-        missing = exc
+        missing = (str(exc), exc.slot, exc.owner)
     xs = list(xs)
     for _ in range(len(xs)):
-        found = None if missing.slot is None else params.bias_for(missing.owner)
-        if found is None or xs[missing.slot] is not None:
-            raise missing
-        xs[missing.slot] = found
+        message, slot, owner = missing
+        found = None if slot is None else params.bias_for(owner)
+        if found is None or xs[slot] is not None:
+            raise MissingOperand(message, slot, owner)
+        xs[slot] = found
         try:
             return entry.forward(node, xs)
         except MissingOperand as exc:
-            missing = exc
+            missing = (str(exc), exc.slot, exc.owner)
     raise MissingOperand(f"operands of {node.name()}")
