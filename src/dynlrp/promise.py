@@ -44,7 +44,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, merge, recomputes, replay, saved_value
+from .values import Resolver, invert_by_consumers, recomputes, replay, saved_value
 
 #: How many consumer levels an inversion from free values may climb (view, transpose, ...).
 FREE_DEPTH = 12
@@ -146,27 +146,8 @@ class PromiseResolver(Resolver):
     def _invert_free(self, edge: Edge, depth: int, keep_partial: bool) -> Value | None:
         """``edge``'s value inverted by its consumers from values that cost nothing (no replay,
         no recompute); memoised when exact, or when partial and ``keep_partial``."""
-        found, used = None, []
-        nodes = self.graph.nodes
-        for consumer, slot in nodes[edge[0]].consumers:
-            cn = nodes[consumer]
-            entry = lookup(cn.name)
-            if entry is None or entry.inverse is None or cn.inputs[slot] != edge:
-                continue
-            out = self._free((consumer, 0), depth)
-            if out is None:
-                continue
-            xs: list = [None] * len(cn.inputs)
-            for s, e in enumerate(cn.inputs):
-                if e is not None and s != slot:
-                    v = self._free(e, depth)
-                    xs[s] = None if v is None or not v.exact else v.tensor
-            got = entry.inverse(cn.fn, out, xs).get(slot)
-            if got is not None:
-                found = merge(found, got)
-                used.append((consumer, slot))
-                if found.exact:
-                    break
+        found, used = invert_by_consumers(self.graph, edge, lambda out, _: self._free(out, depth),
+                                          lambda e, _c, _s: self._free(e, depth))
         if found is not None and (found.exact or keep_partial):
             self.inversions += 1
             self.memo[edge] = found
@@ -303,27 +284,9 @@ class PromiseResolver(Resolver):
         return memo.get((i, k))
 
     def _invert(self, branch: PromiseBranch, edge: Edge) -> Value | None:
-        i, _ = edge
-        found, used = None, []
-        for consumer, slot in self.graph.nodes[i].consumers:
-            cn = self.graph.nodes[consumer]
-            entry = lookup(cn.name)
-            if entry is None or entry.inverse is None or cn.inputs[slot] != edge:
-                continue
-            out = self._walk(branch, (consumer, 0), came_from=i)
-            if out is None:
-                continue
-            xs: list = [None] * len(cn.inputs)
-            for s, e in enumerate(cn.inputs):
-                if e is not None and s != slot:
-                    v = self._walk(branch, e, came_from=consumer, slot=s)
-                    xs[s] = None if v is None or not v.exact else v.tensor
-            got = entry.inverse(cn.fn, out, xs).get(slot)
-            if got is not None:  # consumers that each know a part: combined
-                found = merge(found, got)
-                used.append((consumer, slot))
-                if found.exact:
-                    break
+        found, used = invert_by_consumers(
+            self.graph, edge, lambda out, e: self._walk(branch, out, came_from=e[0]),
+            lambda e, consumer, slot: self._walk(branch, e, came_from=consumer, slot=slot))
         if found is not None:
             self.inversions += 1
             self.memo[edge] = found

@@ -24,7 +24,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, merge, replay, saved_value
+from .values import Resolver, invert_by_consumers, replay, saved_value
 
 
 class Tape(TorchFunctionMode):
@@ -119,24 +119,5 @@ class TapeResolver(Resolver):
         return Value(outs[k].detach())
 
     def _from_consumers(self, edge: Edge) -> Value | None:
-        found = None
-        for consumer, slot in self.graph.nodes[edge[0]].consumers:
-            cn = self.graph.nodes[consumer]
-            entry = lookup(cn.name)
-            if entry is None or entry.inverse is None or cn.inputs[slot] != edge:
-                continue
-            out = self._get((consumer, 0))
-            if out is None:
-                continue
-            xs = [None if (e is None or s == slot) else _exact(self._get(e))
-                  for s, e in enumerate(cn.inputs)]
-            got = entry.inverse(cn.fn, out, xs).get(slot)
-            if got is not None:  # consumers that each know a part: combined
-                found = merge(found, got)
-                if found.exact:
-                    break
-        return found
-
-
-def _exact(v: Value | None):
-    return None if v is None or not v.exact else v.tensor
+        return invert_by_consumers(self.graph, edge, lambda out, _: self._get(out),
+                                   lambda e, _c, _s: self._get(e))[0]

@@ -502,9 +502,10 @@ class AlphaBeta(Rule):
                 made.append(w.clamp(max=0))
             return made[0]
 
-        b = torch.as_tensor(_bias(ctx, affine, x, self.zero_bias), dtype=x.dtype, device=x.device)
+        bias = _bias(ctx, affine, x, self.zero_bias)
+        b = torch.as_tensor(bias, dtype=x.dtype, device=x.device)
         z_pos, back_pos = _split(affine, x, w_pos, w_neg)
-        if b.dim() or b.item() != 0:  # (a bias; none is the 0 of `_bias`)
+        if isinstance(bias, torch.Tensor):  # (no bias is the 0.0 of `_bias`)
             z_pos = z_pos + b.clamp(min=0)
         # W+ x+ + W- x- + b+ >= 0: the stabiliser needs no sign test
         r = back_pos(divide(ctx.relevance, z_pos, self.eps, nonnegative=True))

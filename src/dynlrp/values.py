@@ -98,6 +98,35 @@ def merge(known: Value | None, more: Value) -> Value:
     return Value(tensor, None if bool(mask.all()) else mask)
 
 
+def invert_by_consumers(graph: Graph, edge: Edge, output_of, operand_of) -> tuple[Value | None, list]:
+    """``edge``'s value recovered by its consumers' inverses, and the ``(consumer, slot)`` pairs
+    used. ``output_of(consumer_edge, edge)`` gives a consumer's output, ``operand_of(e, consumer,
+    slot)`` its other operands (either may return None); consumers that each know a part are
+    merged, and the search stops once the value is known everywhere."""
+    found, used = None, []
+    nodes = graph.nodes
+    for consumer, slot in nodes[edge[0]].consumers:
+        cn = nodes[consumer]
+        entry = lookup(cn.name)
+        if entry is None or entry.inverse is None or cn.inputs[slot] != edge:
+            continue
+        out = output_of((consumer, 0), edge)
+        if out is None:
+            continue
+        xs: list = [None] * len(cn.inputs)
+        for s, e in enumerate(cn.inputs):
+            if e is not None and s != slot:
+                v = operand_of(e, consumer, s)
+                xs[s] = None if v is None or not v.exact else v.tensor
+        got = entry.inverse(cn.fn, out, xs).get(slot)
+        if got is not None:
+            found = merge(found, got)
+            used.append((consumer, slot))
+            if found.exact:
+                break
+    return found, used
+
+
 def saved_value(graph: Graph, edge: Edge, recompute: bool = True) -> tuple[torch.Tensor | None, tuple | None]:
     """The value of ``edge`` from what autograd saved, and how it was found: a consumer's saved
     input (``("tap", consumer, slot)``), else the node's own saved tensors (output 0;
