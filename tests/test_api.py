@@ -36,10 +36,10 @@ def test_returns_a_tuple_shaped_like_inputs_in_order():
     x = torch.randn(2, 4, requires_grad=True)
     h = torch.relu(l1(x))
     y = l2(h)
-    single = dynlrp.lrp(y, x)
+    single = dynlrp.lrp(y, x, retain_graph=True)
     assert isinstance(single, tuple) and len(single) == 1
     assert single[0].shape == x.shape and single[0].dtype == x.dtype
-    r_h, r_x = dynlrp.lrp(y, [h, x])
+    r_h, r_x = dynlrp.lrp(y, [h, x], retain_graph=True)
     assert r_h.shape == h.shape and r_x.shape == x.shape
     r_x2, r_h2 = dynlrp.lrp(y, (x, h))
     assert torch.equal(r_x2, r_x) and torch.equal(r_h2, r_h)
@@ -49,7 +49,7 @@ def test_default_seed_is_the_output_value():
     l1, l2 = two_layers()
     x = torch.randn(2, 4, requires_grad=True)
     y = l2(torch.relu(l1(x)))
-    default, = dynlrp.lrp(y, x)
+    default, = dynlrp.lrp(y, x, retain_graph=True)
     explicit, = dynlrp.lrp(y, x, y.detach().clone())
     assert torch.equal(default, explicit)
 
@@ -62,14 +62,14 @@ def test_multiple_outputs_and_inputs():
     h = l1(x1) + x2
     y1, y2 = l2(h), head(h)
     s1, s2 = torch.randn(2, 3), torch.randn(2, 2)
-    r1, r2 = dynlrp.lrp([y1, y2], [x1, x2], [s1, s2], rules=LRP0)
+    r1, r2 = dynlrp.lrp([y1, y2], [x1, x2], [s1, s2], rules=LRP0, retain_graph=True)
     # By hand: both heads send relevance to h, the add shares it, LRP-0 through l1.
     hd, a = h.detach(), (x1 @ l1.weight.T).detach()
     r_h = linear_lrp(hd, l2.weight, None, s1) + linear_lrp(hd, head.weight, None, s2)
     assert_close(r1, linear_lrp(x1, l1.weight, None, a * r_h / hd))
     assert_close(r2, x2.detach() * r_h / hd)
     # Relevance from several outputs adds up.
-    a1, a2 = dynlrp.lrp(y1, [x1, x2], s1, rules=LRP0)
+    a1, a2 = dynlrp.lrp(y1, [x1, x2], s1, rules=LRP0, retain_graph=True)
     b1, b2 = dynlrp.lrp(y2, [x1, x2], s2, rules=LRP0)
     assert_close(r1, a1 + b1)
     assert_close(r2, a2 + b2)
@@ -81,7 +81,7 @@ def test_latent_relevance_at_intermediate_tensors():
     h = torch.relu(l1(x))
     y = l2(h)
     seed = torch.randn(3, 3)
-    r_h, r_x = dynlrp.lrp(y, [h, x], seed, rules=LRP0)
+    r_h, r_x = dynlrp.lrp(y, [h, x], seed, rules=LRP0, retain_graph=True)
     expected_h = linear_lrp(h, l2.weight, None, seed)
     assert_close(r_h, expected_h)
     assert_close(r_x, linear_lrp(x, l1.weight, None, expected_h))  # the ReLU passes relevance
@@ -110,11 +110,11 @@ def test_repeated_calls_are_linear_in_the_seed():
     y = model(x)
     s1, s2 = torch.randn(2, 5), torch.randn(2, 5)
     engine = dynlrp.LRP("epsilon")
-    r1, = engine(y, x, s1)
-    r2, = engine(y, x, s2)
-    r12, = engine(y, x, s1 + 2 * s2)
+    r1, = engine(y, x, s1, retain_graph=True)
+    r2, = engine(y, x, s2, retain_graph=True)
+    r12, = engine(y, x, s1 + 2 * s2, retain_graph=True)
     assert_close(r12, r1 + 2 * r2)
-    fresh, = dynlrp.LRP("epsilon")(y, x, s1)
+    fresh, = dynlrp.LRP("epsilon")(y, x, s1, retain_graph=True)
     assert_close(r1, fresh)
     again, = engine(y, x, s1)
     assert torch.equal(again, r1)
@@ -153,7 +153,7 @@ def test_nothing_is_mutated(trainable):
         y = model(x)
     seed = y.detach().clone()
     seed_before = seed.clone()
-    dynlrp.lrp(y, x, seed)
+    dynlrp.lrp(y, x, seed, retain_graph=True)
     dynlrp.lrp(y, x, seed, tape=tape)
     assert_unchanged(model, before)
     assert torch.equal(x.detach(), x_before) and x.requires_grad and x.grad is None
@@ -176,7 +176,7 @@ def test_the_garbage_collector_is_paused_during_a_call_and_restored():
             seen.append(gc.isenabled())
             with torch.enable_grad():
                 z = l1(x)
-            dynlrp.lrp(z, x)  # a nested call
+            dynlrp.lrp(z, x)  # a nested call (on a graph of its own)
             seen.append(gc.isenabled())
             return super().__call__(ctx)
 
@@ -185,7 +185,7 @@ def test_the_garbage_collector_is_paused_during_a_call_and_restored():
         for enabled in (True, False):
             (gc.enable if enabled else gc.disable)()
             seen.clear()
-            dynlrp.LRP({"linear": Inner()})(y, x)
+            dynlrp.LRP({"linear": Inner()})(y, x, retain_graph=True)
             assert seen and not any(seen)
             assert gc.isenabled() == enabled
             with pytest.raises(dynlrp.GraphError):
@@ -195,12 +195,12 @@ def test_the_garbage_collector_is_paused_during_a_call_and_restored():
         (gc.enable if was else gc.disable)()
 
 
-def test_backward_still_works_after_lrp():
+def test_backward_still_works_after_lrp_with_retain_graph():
     model = randomize_affine(CNN(bias=True)).eval()
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     y = model(x)
-    dynlrp.lrp(y, x)
-    dynlrp.lrp(y, [x, model[0].weight])
+    dynlrp.lrp(y, x, retain_graph=True)
+    dynlrp.lrp(y, [x, model[0].weight], retain_graph=True)
     y.sum().backward()
     grad = x.grad.clone()
     weight_grad = model[0].weight.grad.clone()
@@ -262,7 +262,66 @@ def test_retain_graph_keeps_lrp_working():
     model = freeze(CNN())
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
     y = model(x)
-    before, = dynlrp.lrp(y, x)
+    before, = dynlrp.lrp(y, x, retain_graph=True)
     y.sum().backward(retain_graph=True)
     after, = dynlrp.lrp(y, x)
     assert torch.equal(before, after)
+
+
+# --- freeing the graph as it goes (retain_graph=False, the default) ----------------------------
+
+
+def test_a_call_frees_the_graph_like_autograd_grad():
+    """By default a call frees the forward activations the graph saved, as autograd.grad does:
+    the graph serves one explanation, and a second call (or a backward) says what to do."""
+    model = randomize_affine(CNN(bias=True)).eval()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = model(x)
+    kept, = dynlrp.lrp(y, x, retain_graph=True)
+    freed, = dynlrp.lrp(y, x)
+    assert torch.equal(kept, freed)
+    with pytest.raises(dynlrp.GraphFreedError, match="retain_graph=True"):
+        dynlrp.lrp(y, x)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        y.sum().backward()
+
+
+def test_saved_activations_are_released_during_the_call():
+    """The activations autograd saved are released by the call, not when the caller drops ``y``
+    (through saved-tensor hooks: autograd holds them no more; the peak memory shows it in
+    benchmarks/compare.py)."""
+    from dynlrp.saved import saved
+
+    lin = nn.Linear(64, 64).requires_grad_(False)
+    x = torch.randn(8, 64, requires_grad=True)
+    y = lin(torch.tanh(lin(x)))
+    tanh = y.grad_fn.next_functions[1][0]  # addmm(bias, tanh(...), weight.t())
+    assert tanh.name() == "TanhBackward0"
+    dynlrp.lrp(y, x, retain_graph=True)
+    assert saved(tanh, "result") is not None
+    dynlrp.lrp(y, x)
+    with pytest.raises(dynlrp.GraphFreedError, match="dynlrp.lrp"):
+        saved(tanh, "result")
+    assert y.grad_fn is not None
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["first-call", "cached-plan"])
+def test_freeing_gives_the_same_relevance_on_a_residual_network(cached):
+    """Values below a node may be read from its saved tensors through inverses (the residual
+    sum, a ReLU's output): freeing waits for them, in the first call and with a cached plan."""
+    from models import ResidualCNN
+
+    model = randomize_affine(ResidualCNN()).eval().requires_grad_(False)
+    engines = []
+    for _ in range(2):
+        engine = dynlrp.LRP("epsilon_plus")
+        if cached:
+            x0 = torch.randn(2, 3, 8, 8, requires_grad=True)
+            engine(model(x0), x0, model=model)
+        engines.append(engine)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = model(x)
+    kept, = engines[0](y, x, retain_graph=True, model=model)
+    freed, = engines[1](y, x, model=model)
+    assert torch.equal(kept, freed)
+    assert engines[1].stats["cached_plan"] == cached and any(engines[1].stats.values())

@@ -71,7 +71,7 @@ def test_a_projection_output_is_the_saved_sum_minus_the_residual(resolvers):
     with dynlrp.record() as tape:
         y = model(x)
     engine = dynlrp.LRP({"linear": Epsilon(1e-6), "sum": Epsilon(1e-6), "norm": Epsilon(1e-6)})
-    r_promise, = engine(y, x)
+    r_promise, = engine(y, x, retain_graph=True)  # (explained again, in recorded mode)
     r_recorded, = dynlrp.LRP(engine.rules)(y, x, tape=tape)
     resolver = resolvers[0]
     assert how_of(resolver, "MmBackward0") == ["inverse"]
@@ -144,7 +144,7 @@ def test_relevance_outside_a_partial_value_gets_the_exact_value(resolvers):
     with dynlrp.record() as tape:
         y = model(x)
     rules = flat_rules()
-    r_promise, = dynlrp.LRP(rules)(y, x)
+    r_promise, = dynlrp.LRP(rules)(y, x, retain_graph=True)  # (explained again, in recorded mode)
     r_recorded, = dynlrp.LRP(rules)(y, x, tape=tape)
     assert (torch.relu(model.lin1(x)) == 0).any()  # the case this test is about
     assert_close(r_promise, r_recorded)
@@ -154,8 +154,9 @@ def test_relevance_outside_a_partial_value_gets_the_exact_value(resolvers):
 def test_a_cached_plan_whose_partial_value_no_longer_serves_is_replanned():
     """Call 1: every ReLU input is positive, so the ReLU knows lin1's output everywhere it
     matters. Call 2 (same structure, same engine): some are clipped, the flat rule sends
-    relevance there, and the plan's partial value does not serve: the engine re-plans, and the
-    result equals a fresh engine's."""
+    relevance there, and the plan's partial value does not serve: the value is searched afresh
+    (the call cannot start over: it has freed part of the graph), the result equals a fresh
+    engine's, and the plan is dropped, so call 3 plans anew."""
     torch.manual_seed(0)
     model = ReluThenAny().requires_grad_(False)
     with torch.no_grad():
@@ -171,9 +172,12 @@ def test_a_cached_plan_whose_partial_value_no_longer_serves_is_replanned():
     x2 = (-torch.rand(5, 6)).requires_grad_(True)  # now every ReLU input is negative
     y2 = model(x2)
     second, = engine(y2, x2)
-    assert engine.stats["cached_plan"] is False  # re-planned
+    assert engine.stats["cached_plan"] is True and engine.stats["replanned"] is True
     fresh, = dynlrp.LRP(flat_rules())(model(x2), x2)
     assert_close(second, fresh)
+    third, = engine(model(x2), x2)
+    assert engine.stats["cached_plan"] is False and engine.stats["replanned"] is False
+    assert_close(third, fresh)
 
 
 @pytest.mark.parametrize("cached", [False, True])

@@ -174,7 +174,7 @@ def lxt_results():
         seed = torch.zeros_like(y)
         seed[torch.arange(B), target] = y.detach()[torch.arange(B), target]
         preset = getattr(dynlrp.presets, case.ours)
-        (ours[case.id],) = dynlrp.lrp(y, xr, seed, rules=case.ours, tape=tape)
+        (ours[case.id],) = dynlrp.lrp(y, xr, seed, rules=case.ours, tape=tape, retain_graph=True)  # y again
         (ours_eps[case.id],) = dynlrp.lrp(y, xr, seed, rules=preset(epsilon=EPS), tape=tape)
     theirs = {}
     for variant in sorted({job["case"].lxt for job in jobs.values()}):  # one process per LxT variant

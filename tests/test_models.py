@@ -71,8 +71,8 @@ def explain_both(model: nn.Module, x: torch.Tensor, targets: list[int], rules=No
         y = model(x)
     seed = per_row_seed(y, targets)
     with Untouched(model, x, y, seed):  # nothing mutated, in either mode
-        recorded, = dynlrp.lrp(y, x, seed, rules=rules, tape=tape)
-        try:
+        recorded, = dynlrp.lrp(y, x, seed, rules=rules, tape=tape, retain_graph=True)
+        try:  # (the last call on the graph: the default, which frees it)
             promised, = dynlrp.lrp(y, x, seed, rules=rules, model=model if pass_model else None)
         except dynlrp.UnrecoverableValueError as exc:
             promised = exc
@@ -117,8 +117,8 @@ def test_downsample_block_with_frozen_batchnorms_needs_record():
     with dynlrp.record() as tape:
         y = block(x)
     with pytest.raises(dynlrp.UnrecoverableValueError, match=r"dynlrp\.record\(\)"):
-        dynlrp.lrp(y, x)
-    recorded, = dynlrp.lrp(y, x, tape=tape)
+        dynlrp.lrp(y, x, retain_graph=True)
+    recorded, = dynlrp.lrp(y, x, tape=tape, retain_graph=True)
     assert torch.isfinite(recorded).all()
     # given the model, promise mode reads the frozen biases from the batch-norm modules
     promised, = dynlrp.lrp(y, x, model=block)
@@ -127,7 +127,7 @@ def test_downsample_block_with_frozen_batchnorms_needs_record():
         p.requires_grad_(name.endswith("bias"))
     with dynlrp.record() as tape:
         y = block(x)
-    recorded, = dynlrp.lrp(y, x, tape=tape)
+    recorded, = dynlrp.lrp(y, x, tape=tape, retain_graph=True)
     promised, = dynlrp.lrp(y, x)
     assert_close(promised, recorded)
 

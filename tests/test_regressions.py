@@ -48,7 +48,7 @@ def both_modes(forward, x: torch.Tensor | list, seed=None, rules=LRP0) -> tuple:
     """
     with dynlrp.record() as tape:
         y = forward()
-    promised = dynlrp.lrp(y, x, seed, rules=rules)
+    promised = dynlrp.lrp(y, x, seed, rules=rules, retain_graph=True)  # (explained again below)
     recorded = dynlrp.lrp(y, x, seed, rules=rules, tape=tape)
     for p, r in zip(promised, recorded):
         assert_close(p, r)
@@ -253,8 +253,8 @@ def test_leaf_with_two_consumers_aggregates_and_repeats():
     expected = (linear_lrp(x, l1.weight, None, a * r_y / (a + b))
                 + linear_lrp(x, l2.weight, None, b * r_y / (a + b)))
     engine = dynlrp.LRP(LRP0)
-    first, = engine(y, x)
-    second, = engine(y, x)  # the same engine again (its plan cache), then a fresh one
+    first, = engine(y, x, retain_graph=True)
+    second, = engine(y, x, retain_graph=True)  # the same engine again (its plan cache), then a fresh one
     third, = dynlrp.lrp(y, x, rules=LRP0)
     assert_close(first, expected)
     assert torch.equal(first, second)
@@ -266,7 +266,7 @@ def test_same_leaf_twice_and_two_calls_in_a_row():
     x = torch.randn(2, 4, requires_grad=True)
     y = lin(x)
     expected = linear_lrp(x, lin.weight, lin.bias, y)
-    r1, r2 = dynlrp.lrp(y, [x, x], rules=LRP0)
+    r1, r2 = dynlrp.lrp(y, [x, x], rules=LRP0, retain_graph=True)
     assert_close(r1, expected)
     assert_close(r2, expected)
     again, = dynlrp.lrp(y, x, rules=LRP0)
@@ -283,7 +283,7 @@ def test_inputs_list_is_not_mutated_and_order_is_kept():
     e1 = linear_lrp(x1, l1.weight, None, a * y.detach() / (a + b))
     e2 = linear_lrp(x2, l2.weight, None, b * y.detach() / (a + b))
     inputs = [x2, x1]
-    r2, r1 = dynlrp.lrp(y, inputs, rules=LRP0)
+    r2, r1 = dynlrp.lrp(y, inputs, rules=LRP0, retain_graph=True)
     assert len(inputs) == 2 and inputs[0] is x2 and inputs[1] is x1
     assert_close(r1, e1)
     assert_close(r2, e2)

@@ -50,7 +50,11 @@ def test_nan_in_seed_and_nan_produced_by_an_op_name_the_problem():
     x2[0, 0] = float("inf")
     x2.requires_grad_(True)
     y2 = m(x2)
+    # the op is named when the graph is kept: the engine reruns a checked pass to find it
     with pytest.raises(dynlrp.NonFiniteRelevanceError, match="Backward"):
+        dynlrp.lrp(y2, x2, torch.ones_like(y2), retain_graph=True)
+    # by default the graph is freed as the call goes: it says how to find the op
+    with pytest.raises(dynlrp.NonFiniteRelevanceError, match="retain_graph=True"):
         dynlrp.lrp(y2, x2, torch.ones_like(y2))
 
 
@@ -58,7 +62,7 @@ def test_unknown_op_error_lists_ops_with_counts_and_fallback_is_opt_in():
     x = torch.randn(3, 4, requires_grad=True)
     y = torch.cumprod(torch.cumprod(x, 1), 1)
     with pytest.raises(dynlrp.UnknownOpError, match=r"CumprodBackward0 x2.*register"):
-        dynlrp.lrp(y, x)
+        dynlrp.lrp(y, x, retain_graph=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         r, = dynlrp.LRP(fallback="pass")(y, x)
@@ -98,13 +102,13 @@ def test_model_and_caller_tensors_unchanged(frozen):
         y = m(x)
     seed = _seed(y)
     seed_before = seed.clone()
-    dynlrp.lrp(y, x, seed, tape=tape)
+    dynlrp.lrp(y, x, seed, tape=tape, retain_graph=True)  # (backward runs on the graph below)
     if not frozen:  # frozen BN/conv biases: promise mode needs the tape (documented)
-        dynlrp.lrp(y, x, seed)
+        dynlrp.lrp(y, x, seed, retain_graph=True)
     assert _same(before, _state(m))
     assert torch.equal(x.detach(), x_before) and torch.equal(seed, seed_before)
     assert x.grad is None
-    y.sum().backward()  # the graph is intact
+    y.sum().backward()  # the graph is intact (retained)
     assert x.grad is not None
 
 
@@ -112,9 +116,9 @@ def test_deterministic_bit_for_bit():
     m = _mlp().requires_grad_(False)
     x = torch.randn(4, 6, requires_grad=True)
     y = m(x)
-    a, = dynlrp.LRP(cache=False)(y, x, _seed(y))
-    b, = dynlrp.LRP(cache=False)(y, x, _seed(y))
-    c, = dynlrp.lrp(y, x, _seed(y))
+    a, = dynlrp.LRP(cache=False)(y, x, _seed(y), retain_graph=True)
+    b, = dynlrp.LRP(cache=False)(y, x, _seed(y), retain_graph=True)
+    c, = dynlrp.lrp(y, x, _seed(y))  # (the last call frees the graph)
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
@@ -348,7 +352,7 @@ def test_fuzz_promise_equals_recorded(ops, bias):
     with dynlrp.record() as tape:
         y = forward(x)
     seed = _seed(y)
-    recorded, = dynlrp.lrp(y, x, seed, rules=EXACT, tape=tape)
+    recorded, = dynlrp.lrp(y, x, seed, rules=EXACT, tape=tape, retain_graph=True)
     assert torch.isfinite(recorded).all()
     try:
         promised, = dynlrp.lrp(y, x, seed, rules=EXACT)

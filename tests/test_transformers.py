@@ -299,18 +299,20 @@ def test_architecture(arch: Arch, impl: str):
     untouched = Untouched(model, y, seed, *xs)  # the model and the caller's tensors, checked below
     recorded = {}
     default = _mode(arch.default, impl)
-    for rules in PRESETS if default != "none" else PRESETS[:-1]:
-        rels = dynlrp.lrp(y, xs, seed, rules=rules, tape=tape, model=model)
+    presets = PRESETS if default != "none" else PRESETS[:-1]
+    for k, rules in enumerate(presets):  # the last call frees y's graph
+        rels = dynlrp.lrp(y, xs, seed, rules=rules, tape=tape, model=model, retain_graph=k < len(presets) - 1)
         assert all(r.shape == x.shape and torch.isfinite(r).all() for r, x in zip(rels, xs))
         recorded[rules] = rels
     # promise == recorded on the frozen model, its frozen biases read through model=
     _, y2, xs2, _, _ = run(arch, impl)
-    for rules in PRESETS:
+    for rules in PRESETS:  # y2 is explained again below: keep its graph
         if rules is None and default != "promise":
             with pytest.raises(dynlrp.UnrecoverableValueError, match="record"):
-                dynlrp.lrp(y2, xs2, seed, rules=rules, model=model)
+                dynlrp.lrp(y2, xs2, seed, rules=rules, model=model, retain_graph=True)
         else:
-            _close(dynlrp.lrp(y2, xs2, seed, rules=rules, model=model), recorded[rules], RTOL)
+            got = dynlrp.lrp(y2, xs2, seed, rules=rules, model=model, retain_graph=True)
+            _close(got, recorded[rules], RTOL)
     # without model=: the same relevance, or an error that points to model=
     try:
         got = dynlrp.lrp(y2, xs2, seed, rules="attnlrp")
@@ -323,10 +325,11 @@ def test_architecture(arch: Arch, impl: str):
     _, y, xs, _, tape = run(arch, impl, trainable=True, tape=True)
     _, y2, xs2, _, _ = run(arch, impl, trainable=True)
     untouched = Untouched(model, y, y2, seed, *xs, *xs2)
-    for rules in ("attnlrp", "cp_lrp"):
-        rec = dynlrp.lrp(y, xs, seed, rules=rules, tape=tape)
+    for rules in ("attnlrp", "cp_lrp"):  # the last call on each graph frees it
+        keep = rules != "cp_lrp"
+        rec = dynlrp.lrp(y, xs, seed, rules=rules, tape=tape, retain_graph=keep)
         assert all(torch.isfinite(r).all() for r in rec)
-        _close(dynlrp.lrp(y2, xs2, seed, rules=rules), rec, RTOL)
+        _close(dynlrp.lrp(y2, xs2, seed, rules=rules, retain_graph=keep), rec, RTOL)
     untouched.check()
     if arch.bias_free:
         assert abs(share(recorded["cp_lrp"], seed) - 1) < 0.02
@@ -413,7 +416,8 @@ def test_rotary_positions_as_a_separate_input():
     finally:
         handle.remove()
     seed = targets.next_token(y)
-    rels = dynlrp.lrp(y, [emb, kept["cos"], kept["sin"]], seed, rules="attnlrp")
+    # y is explained again below (cp_lrp): keep its graph
+    rels = dynlrp.lrp(y, [emb, kept["cos"], kept["sin"]], seed, rules="attnlrp", retain_graph=True)
     assert all(torch.isfinite(r).all() for r in rels)
     assert float(rels[1].abs().sum()) > 0 and float(rels[2].abs().sum()) > 0
     cp = dynlrp.lrp(y, [emb, kept["cos"], kept["sin"]], seed, rules="cp_lrp")
@@ -467,8 +471,8 @@ def report() -> str:  # pragma: no cover - documentation helper
             model, y, xs, _, tape = run(arch, impl, tape=True)
             coverage[name], modality[name] = dynlrp.coverage(y), arch.modality
             seed = arch.seed(y)
-            shares = [share(dynlrp.lrp(y, xs, seed, rules=r, tape=tape, model=model), seed)
-                      for r in PRESETS[:-1]]
+            shares = [share(dynlrp.lrp(y, xs, seed, rules=r, tape=tape, model=model, retain_graph=True), seed)
+                      for r in PRESETS[:-1]]  # y is explained once more below
             if _mode(arch.default, impl) == "none":  # measured with trainable biases
                 _, y, xs, _, tape = run(arch, impl, trainable=True, tape=True)
             shares.append(share(dynlrp.lrp(y, xs, seed, tape=tape, model=model), seed))

@@ -36,6 +36,7 @@ def lrp(
     rules: Any = None,
     tape: Tape | None = None,
     model: torch.nn.Module | None = None,
+    retain_graph: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Propagate relevance from ``outputs`` back to ``inputs``, like ``torch.autograd.grad``.
 
@@ -57,13 +58,20 @@ def lrp(
         The model that ran the forward pass (optional). Autograd never sees the biases of
         frozen layers; where the Promise System needs one, it reads it from the model's
         module whose weight the graph saved. The model is only read.
+    retain_graph
+        Keep the tensors the forward pass saved. By default they are freed as the
+        propagation passes them, as ``torch.autograd.grad`` does, so the peak memory stays
+        near a gradient's; the graph can then be explained (or differentiated) only once,
+        and a second call raises :class:`GraphFreedError`. Pass ``True`` to explain one
+        forward pass several times (other rules, other targets) or to call ``.backward()``
+        on it afterwards.
 
     Returns
     -------
     tuple of torch.Tensor
         One relevance tensor per input, shaped like it, in the order given.
     """
-    return LRP(rules)(outputs, inputs, relevance, tape=tape, model=model)
+    return LRP(rules)(outputs, inputs, relevance, tape=tape, model=model, retain_graph=retain_graph)
 
 
 __all__ = [

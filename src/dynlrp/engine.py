@@ -40,7 +40,7 @@ from .errors import GraphError, LRPError, NonFiniteRelevanceError, UnknownOpErro
 from .graph import GNode, Graph, build
 from .ops import Value
 from .ops.common import scalar
-from .plan import Plan, PlanMismatch, PlannedResolver
+from .plan import Plan, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
 from .rules import linear_in
@@ -228,7 +228,9 @@ class LRP:
     check_finite
         Raise :class:`~dynlrp.errors.NonFiniteRelevanceError` when the seed or the result
         holds NaN or inf, naming the first op that produced it (found by a second, checked
-        pass that only runs when something is wrong, so the check costs nothing otherwise).
+        pass that only runs when something is wrong, so the check costs nothing otherwise;
+        it needs the graph, so with a freed graph the error says to call with
+        ``retain_graph=True``).
     cache
         Keep a plan per graph structure (paper 4.4.1): later calls on the same architecture
         skip the promise search. A plan is used only when the graph's structure matches it.
@@ -237,6 +239,10 @@ class LRP:
         :class:`~dynlrp.errors.UnknownOpError` listing them. ``"pass"``: the identity rule
         (relevance split evenly over the op's inputs); ``"gradient"``: relevance routed by the
         op's gradient (gradient x input behaviour). Both warn, naming the ops.
+
+    Calling the engine takes the arguments of :func:`dynlrp.lrp`, ``retain_graph`` included:
+    by default a call frees the forward pass's saved tensors as it goes, like
+    ``torch.autograd.grad``.
 
     An engine may be shared by several threads: calls keep their state on the stack, and
     the plan cache is locked. ``stats`` then describes whichever call finished last.
@@ -271,12 +277,13 @@ class LRP:
         *,
         tape: Tape | None = None,
         model: torch.nn.Module | None = None,
+        retain_graph: bool = False,
     ) -> tuple[torch.Tensor, ...]:
         with _paused_gc():  # (resumed once the call's objects are gone: see _paused_gc)
-            return self._call(outputs, inputs, relevance, tape, model)
+            return self._call(outputs, inputs, relevance, tape, model, retain_graph)
 
     def _call(self, outputs: Any, inputs: Any, relevance: Any, tape: Tape | None,
-              model: torch.nn.Module | None) -> tuple[torch.Tensor, ...]:
+              model: torch.nn.Module | None, retain_graph: bool) -> tuple[torch.Tensor, ...]:
         if model is None:
             model = getattr(self.rules, "model", None)  # a rule set bound to a model
         params = Parameters(model) if model is not None else None
@@ -289,6 +296,9 @@ class LRP:
             plan = self.plans.get(signature) if signature is not None else None
         entries = plan.entries if plan is not None else self._entries(graph)
         rules = plan.rules if plan is not None else {}
+        folds = ({i: r.fused for i, r in rules.items() if r.fused is not None} if plan is not None
+                 else self.rules.folds(graph))
+        late = {f: p for p, f in folds.items()}  # a folded norm's output is read at the layer before
 
         def run(check_each: bool, plan: Plan | None) -> tuple[list, Resolver]:
             if tape is not None:
@@ -297,22 +307,26 @@ class LRP:
                 resolver = PlannedResolver(graph, outputs, inputs, plan, params)
             else:
                 resolver = PromiseResolver(graph, outputs, inputs, params)
+            if not (retain_graph or check_each):
+                resolver.release_saved = True
+                resolver.defer(late)
             return self._propagate(graph, entries, rules, seeds, resolver, check_each), resolver
 
         with torch.no_grad(), _deep_recursion(len(graph.nodes)):
-            try:
-                result, resolver = run(False, plan)
-            except PlanMismatch:  # the structure matched but a recipe did not: plan again
+            result, resolver = run(False, plan)
+            stale = getattr(resolver, "stale", False)
+            if stale:  # a recipe did not apply (searched afresh): plan anew next time
                 with self._lock:
                     self.plans.pop(signature, None)
-                plan = None
-                result, resolver = run(False, None)
             if self.check_finite and any(r is not None and not torch.isfinite(r).all() for r in result):
-                run(True, None)  # raises, naming the first op whose relevance is not finite
-                raise NonFiniteRelevanceError("the relevance contains NaN or inf")
+                if not any(graph.freed):
+                    run(True, None)  # raises, naming the first op whose relevance is not finite
+                raise NonFiniteRelevanceError(
+                    "the relevance contains NaN or inf. To find the op that produced it, run the "
+                    "forward pass again and call with `retain_graph=True`.")
         found = resolver.stats()
         self.stats = {"nodes": len(graph.order), "graph_nodes": len(graph.nodes), **found,
-                      "cached_plan": plan is not None}
+                      "cached_plan": plan is not None, "replanned": stale}
         if signature is not None and plan is None:
             with self._lock:
                 self.plans[signature] = Plan(signature, entries, rules, resolver.how, dict(found))

@@ -11,7 +11,7 @@ of its consumers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -86,6 +86,8 @@ class Graph:
     roots: list[Edge]
     targets: list[Edge]
     order: list[int]  # traversal order of the nodes that lead to a requested input
+    #: per node: whether the call released its saved tensors (``retain_graph=False``)
+    freed: list[bool] = field(default_factory=list)
 
     def node(self, fn: Any) -> GNode:
         return self.nodes[self._index[fn]]
@@ -234,7 +236,7 @@ def build(outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor]) -> Gr
         # (one tuple per distinct set of slots: most nodes share their graph_inputs' tuple)
         gn.reaching = graph_inputs if len(reaching) == len(graph_inputs) else tuple(reaching)
         gn.reaches = bool(reaching) or i in target_nodes
-    graph = Graph(nodes, roots, targets, [i for i in order if nodes[i].reaches])
+    graph = Graph(nodes, roots, targets, [i for i in order if nodes[i].reaches], [False] * len(nodes))
     graph._index = index
     return graph
 

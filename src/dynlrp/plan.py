@@ -13,15 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import UnrecoverableValueError
+from .errors import GraphFreedError, UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
+from .promise import PromiseResolver
 from .saved import leaf_variable
 from .values import Resolver, merge, replay, tap_value
 
 
 class PlanMismatch(Exception):
-    """A cached recipe did not apply to this graph; the engine re-plans."""
+    """A cached recipe did not apply to this graph (the value is then searched for afresh)."""
 
 
 @dataclass
@@ -41,23 +42,33 @@ class PlannedResolver(Resolver):
     def __init__(self, graph, outputs, inputs, plan: Plan, params=None):
         super().__init__(graph, outputs, inputs, params)
         self.plan = plan
+        #: a recipe failed on this call: the engine drops the plan, and the next call plans anew
+        self.stale = False
+        self._args = (outputs, inputs)
+        self._search: PromiseResolver | None = None
 
     def value(self, edge: Edge, requester: int) -> Value:
         try:
             return self._get(edge)
-        except (MissingOperand, KeyError, TypeError, IndexError) as exc:
-            raise PlanMismatch(str(exc)) from exc
+        except (PlanMismatch, MissingOperand, KeyError, TypeError, IndexError, GraphFreedError):
+            pass  # (searched outside the handler: no exception kept alive meanwhile)
+        return self._searcher().value(edge, requester)
 
     def exact(self, edge: Edge, requester: int) -> Value:
         v = self.value(edge, requester)
         if v.exact:
             return v
-        gn = self.graph.nodes[edge[0]]
-        own = lookup(gn.name).own(gn.fn) if edge[1] == 0 else None
-        if own is None:  # the first call needed only part of it
-            raise PlanMismatch(f"the plan knows {gn.name}'s output only in part")
-        self.memo[edge] = Value(own.detach())
-        return self.memo[edge]
+        return self._searcher().exact(edge, requester)  # the first call needed only part of it
+
+    def _searcher(self) -> PromiseResolver:
+        """A recipe does not apply to this graph (a value now needed in full, an operand no
+        longer saved): the Promise System searches from here on, sharing this call's values.
+        The call goes on -- its saved tensors may already be freed, so it cannot start over."""
+        self.stale = True
+        if self._search is None:
+            search = self._search = PromiseResolver(self.graph, *self._args, self.params)
+            search.memo, search.processed = self.memo, self.processed
+        return self._search
 
     def _get(self, edge: Edge) -> Value:
         memo = self.memo
@@ -113,8 +124,8 @@ class PlannedResolver(Resolver):
                 value = merge(value, got)
         elif kind == "unknown":  # no source: relevance goes per unit there (dynlrp.engine)
             raise UnrecoverableValueError(f"the output of {gn.name} cannot be rebuilt (as planned)")
-        else:  # "given": the caller's tensors are always in the memo
-            raise UnrecoverableValueError(f"the plan expects a tensor the caller did not pass: {edge}")
+        else:  # "given": the caller's tensors (and the tensors its outputs view) are in the memo
+            raise PlanMismatch(f"the plan expects a tensor the caller did not pass: {edge}")
         self.memo[edge] = value
         return value
 

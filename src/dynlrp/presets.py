@@ -225,6 +225,11 @@ class RuleSet:
                     return rule
         return self.rule_for(gn.name, entry.kind, gn.fn)
 
+    def folds(self, graph: Any) -> dict[int, int]:
+        """The batch norms (or other channel-wise maps) folded into the node before them:
+        ``{producer: channel-wise consumer}``, the nodes whose rules read a consumer's output."""
+        return self._view(graph).folds
+
     # -- per-graph work -----------------------------------------------------------------------
     def _view(self, graph: Any) -> _GraphView:
         last = self._last  # (the graph of the call in progress: asked once per node)

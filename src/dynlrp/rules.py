@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.autograd.graph import get_gradient_edge
 
 from .dtypes import compute_dtype
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .ops import Affine
 
 
-def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False) -> torch.Tensor:
+def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: bool = False) -> torch.Tensor:
     """The epsilon stabiliser of paper Eq. 4, ``z + eps * sign(z)`` with ``sign(0) = +1``,
     scaled to the dtype ``d`` that ``z`` was computed in.
 
@@ -66,11 +67,15 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False) -> torch.T
     nonnegative
         ``z >= 0`` is known (the positive part of z+ and alpha-beta): ``sign(z) = +1`` everywhere,
         so ``stab(z) = max(z + eps, tiny_d)`` without a sign test (the same numbers).
+    owned
+        ``z`` is a temporary of the caller's, which it may overwrite: with ``nonnegative`` and
+        ``z`` already in the compute dtype, the result is written into ``z``.
 
     Returns
     -------
     torch.Tensor
-        The stabilised denominators, in ``compute_dtype(z.dtype)``: always a new tensor.
+        The stabilised denominators, in ``compute_dtype(z.dtype)``: a new tensor, or ``z``
+        itself when ``owned`` allows.
     """
     dtype = z.dtype
     key = (dtype, z.device, eps)
@@ -84,7 +89,7 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False) -> torch.T
     if dtype != c:
         z = z.to(c)
     if nonnegative and eps > 0:
-        den = z + eps
+        den = z.add_(eps) if owned or dtype != c else z + eps  # (z.to(c) is a new tensor too)
         return den if eps >= tiny else den.clamp_(min=tiny)
     if eps == 0:
         return torch.where(z.eq(zero), pos, z)  # (0, 1, -1): zeros become ones
@@ -98,11 +103,13 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False) -> torch.T
 _STABILIZERS: dict[tuple, tuple] = {}
 
 
-def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = False) -> torch.Tensor:
+def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = False,
+           owned: bool = False) -> torch.Tensor:
     """``r / stab(z)`` (:func:`stabilize`): relevance per unit of the stabilised denominator, the
     ``s`` of paper Eq. 4. The quotient is written into the denominator's new tensor when the shapes
-    and dtypes allow, so it costs one allocation, not two."""
-    den = stabilize(z, eps, nonnegative)
+    and dtypes allow, so it costs one allocation, not two; with ``owned`` (``z`` is the caller's
+    temporary) and ``nonnegative``, into ``z`` itself, so it costs none."""
+    den = stabilize(z, eps, nonnegative, owned)
     if den.shape == r.shape and den.dtype == r.dtype and den.device == r.device:
         return torch.div(r, den, out=den)
     return r / den
@@ -259,6 +266,9 @@ class Epsilon(Rule):
         return "divides" if self.eps == 0 else None
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        rows = live_rows(ctx)
+        if rows is not None:
+            return _only(ctx, ctx.data_slot, _epsilon_rows(ctx, rows, self.eps))
         s = divide(ctx.relevance, ctx.output, self.eps)
         grads = ctx.vjp(s)
         share = 1.0 / max(len(ctx.reaching), 1) if ctx.kind != "sum" else 1.0
@@ -267,6 +277,41 @@ class Epsilon(Rule):
             r = ctx.input(i) * grads[i]
             out[i] = r.mul_(share) if share != 1.0 else r  # (a new tensor: scaled in place)
         return out
+
+
+#: Row-sparse relevance is taken row by row from this many rows on, when at most 1 / ROWS_SPARSE
+#: of them carry relevance (:func:`live_rows`).
+ROWS_MIN, ROWS_SPARSE = 64, 8
+
+
+def live_rows(ctx: RuleContext) -> torch.Tensor | None:
+    """The rows of the relevance that are not all zero, where they are few and the op maps rows
+    to rows (:attr:`~dynlrp.ops.Affine.rows`, ``x @ W``), else None.
+
+    A language model explained at one token sends relevance to one row of its head, and of
+    every per-token layer below it up to the last attention: the other rows of ``R / z``
+    are zero, and so is what they contribute. Dividing and mapping only the live rows gives
+    the same relevance for a fraction of the time and memory (the head of a 32,000-token
+    vocabulary: one row of 32,000 instead of 128)."""
+    r = ctx.relevance
+    if r.dim() != 2 or r.shape[0] < ROWS_MIN or ctx.entry.affine is None or len(ctx.reaching) != 1:
+        return None
+    live = r.any(1)
+    if int(live.sum()) * ROWS_SPARSE > r.shape[0] or not ctx.affine().rows:
+        return None
+    return live.nonzero().squeeze(1)
+
+
+def _epsilon_rows(ctx: RuleContext, rows: torch.Tensor, eps: float) -> torch.Tensor:
+    """Paper Eq. 4, ``R_x = x * W^T (R / stab(z))``, on the given rows of ``x @ W``; the other
+    rows of ``R`` are zero and get zero."""
+    slot, affine = ctx.data_slot, ctx.affine()
+    x = ctx.input(slot)
+    s = divide(ctx.relevance.index_select(0, rows), ctx.output.index_select(0, rows), eps)
+    x_rows = x.index_select(0, rows)
+    _, adjoint = _linear_with_adjoint(affine, x_rows, affine.weight)
+    out = torch.zeros(x.shape, dtype=s.dtype, device=s.device)
+    return out.index_copy_(0, rows, adjoint(s).mul_(x_rows))
 
 
 class Proportional(Epsilon):
@@ -358,13 +403,20 @@ Norm = Proportional
 # -- rules that modify weights --------------------------------------------------------------------
 
 def _linear_with_adjoint(affine: Affine, x: torch.Tensor, weight: torch.Tensor):
-    """``affine.linear(x, weight)`` and the adjoint ``s -> weight^T s`` of that linear map."""
+    """``affine.linear(x, weight)`` and the adjoint ``s -> weight^T s`` of that linear map.
+
+    The output is a new tensor the caller owns (it may overwrite it): the adjoint keeps only
+    the map's autograd node, not the output, and returns a new tensor too."""
     with torch.enable_grad():
         leaf = x.detach().requires_grad_(True)
         out = affine.linear(leaf, weight.detach())
+    edge, dtype = get_gradient_edge(out), out.dtype
 
     def adjoint(s: torch.Tensor) -> torch.Tensor:
-        return linear_in(out.dtype, lambda g: torch.autograd.grad(out, leaf, g, retain_graph=True)[0], [s])[0]
+        a = linear_in(dtype, lambda g: torch.autograd.grad(edge, leaf, g, retain_graph=True)[0], [s])[0]
+        # (the adjoints of products, convolutions and scalings are new tensors; anything else
+        # that hands back its argument, or a view of it, is copied so the caller may overwrite it)
+        return a.clone() if a.untyped_storage().data_ptr() == s.untyped_storage().data_ptr() else a
 
     return out.detach(), adjoint
 
@@ -393,15 +445,17 @@ def _split(affine: Affine, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor):
     """``W_a x+ + W_b x-`` and the adjoints that give back ``x+ * W_a^T s + x- * W_b^T s``.
 
     The negative half is skipped when ``x`` has no negative entry (after a ReLU): it is 0, and
-    ``x+`` is ``x`` itself. ``wb`` may be a function that makes ``W_b`` (called only when needed)."""
+    ``x+`` is ``x`` itself. ``wb`` may be a function that makes ``W_b`` (called only when needed).
+    Both results are new tensors the caller owns."""
     if not x.numel() or x.amin() >= 0:
         zp, adj_p = _linear_with_adjoint(affine, x, wa)
-        return zp, lambda s: x * adj_p(s)
+        return zp, lambda s: adj_p(s).mul_(x)
     xp = x.clamp(min=0)
     zp, adj_p = _linear_with_adjoint(affine, xp, wa)
     xn = x.clamp(max=0)
     zn, adj_n = _linear_with_adjoint(affine, xn, wb() if callable(wb) else wb)
-    return zp + zn, lambda s: xp * adj_p(s) + xn * adj_n(s)
+    # (both sums in place: the terms are the adjoints' and _linear_with_adjoint's new tensors)
+    return zp.add_(zn), lambda s: adj_p(s).mul_(xp).addcmul_(xn, adj_n(s))
 
 
 class Gamma(Rule):
@@ -506,9 +560,11 @@ class AlphaBeta(Rule):
         b = torch.as_tensor(bias, dtype=x.dtype, device=x.device)
         z_pos, back_pos = _split(affine, x, w_pos, w_neg)
         if isinstance(bias, torch.Tensor):  # (no bias is the 0.0 of `_bias`)
-            z_pos = z_pos + b.clamp(min=0)
-        # W+ x+ + W- x- + b+ >= 0: the stabiliser needs no sign test
-        r = back_pos(divide(ctx.relevance, z_pos, self.eps, nonnegative=True))
+            z_pos = z_pos.add_(b.clamp(min=0))
+        # W+ x+ + W- x- + b+ >= 0: the stabiliser needs no sign test, and z_pos is ours to
+        # overwrite: stabiliser and quotient take no new tensor of the output's size
+        r = back_pos(divide(ctx.relevance, z_pos, self.eps, nonnegative=True, owned=True))
+        del z_pos
         r = r if self.alpha == 1.0 else self.alpha * r  # (1.0 * r is r)
         if self.beta != 0:
             z_neg, back_neg = _split(affine, x, w_neg(), w_pos)

@@ -26,6 +26,12 @@ def _translate(node: Any, exc: RuntimeError) -> Exception:
             "so the graph no longer describes the values it computed. Run the forward pass "
             "again, or clone the tensor before modifying it."
         )
+    if _RELEASED in text:
+        return GraphFreedError(
+            f"the forward values saved by {node_name(node)} were freed by an earlier "
+            "`dynlrp.lrp` call, which (like `autograd.grad`) frees the graph as it goes. Run the "
+            "forward pass again, or pass `retain_graph=True` to the earlier call."
+        )
     if "freed" in text or "second time" in text:
         return GraphFreedError(
             f"the forward values saved by {node_name(node)} were freed, most likely by a "
@@ -74,6 +80,11 @@ def _signed(v: int) -> int:
 def node_name(node: Any) -> str:
     """The autograd node's type name, e.g. ``"AddmmBackward0"`` or a custom Function's."""
     return node.name() if hasattr(node, "name") else type(node).__name__
+
+
+def view_base(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``t`` is a view of (``Tensor._base``), or None."""
+    return t._base
 
 
 def leaf_variable(node: Any) -> torch.Tensor | None:
@@ -127,3 +138,53 @@ def check_not_freed(node: Any) -> None:
         if attr.startswith("_saved_"):
             saved(node, attr[len("_saved_"):])
             return
+
+
+# -- releasing saved tensors (``retain_graph=False``) ---------------------------------------
+_RELEASED = "freed by dynlrp.lrp"
+_RAW_SAVED: dict[type, tuple[str, ...]] = {}  # node type -> its ``_raw_saved_*`` attribute names
+
+
+def _drop(tensor: torch.Tensor) -> None:
+    return None
+
+
+def _released(_: None) -> torch.Tensor:
+    raise RuntimeError(
+        f"the forward values saved by this graph were {_RELEASED} (it frees the graph as it goes, "
+        "like `autograd.grad`); run the forward pass again, or pass `retain_graph=True` to it"
+    )
+
+
+def _raw_names(node: Any) -> tuple[str, ...]:
+    names = _RAW_SAVED.get(type(node))
+    if names is None:
+        names = _RAW_SAVED[type(node)] = tuple(a for a in dir(node) if a.startswith("_raw_saved_"))
+    return names
+
+
+def saves_tensors(node: Any) -> bool:
+    """Whether ``node``'s type keeps tensors for its backward (a view or transpose keeps none)."""
+    return bool(_raw_names(node))
+
+
+def release(node: Any) -> bool:
+    """Free the tensors ``node`` saved for its backward, as autograd's engine does after
+    running a node without ``retain_graph``: reading them later raises
+    :class:`GraphFreedError` here and a ``RuntimeError`` in ``.backward()``.
+
+    Uses the public saved-tensor hooks (a pack hook registered on a saved tensor runs at once
+    and the tensor is dropped); non-tensor saved attributes (sizes, dims) stay readable.
+    Returns whether the node kept any tensor to free."""
+    names = _raw_names(node)
+    for name in names:
+        try:
+            raw = getattr(node, name)
+        except RuntimeError:  # freed already
+            continue
+        for one in raw if isinstance(raw, (tuple, list)) else (raw,):
+            try:
+                one.register_hooks(_drop, _released)
+            except (RuntimeError, AttributeError):  # undefined (None), freed, or hooked already
+                pass
+    return bool(names)

@@ -7,12 +7,19 @@ saved) and :class:`dynlrp.record.TapeResolver` (recorded mode: from the tape).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 import torch
 
+from .errors import GraphFreedError
 from .graph import Edge, Graph
 from .ops import MissingOperand, Value, lookup
+from .saved import release, saves_tensors, view_base
+
+#: How many levels below a node the inversions that read its saved tensors are awaited
+#: before the tensors are freed (:meth:`Resolver._settle`).
+RELEASE_DEPTH = 3
 
 
 class Resolver:
@@ -21,6 +28,9 @@ class Resolver:
     #: Keep every forward value in ``memo`` until the call ends (for inspection in tests);
     #: by default values are dropped once no later node can ask for them (:meth:`done`).
     keep_values = False
+    #: Free each node's saved tensors once no later request is likely to read them
+    #: (``retain_graph=False``; set by the engine): see :meth:`done`.
+    release_saved = False
 
     def __init__(self, graph: Graph, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
                  params: Parameters | None = None):
@@ -30,6 +40,9 @@ class Resolver:
         self.memo: dict[Edge, Value] = {}
         for y, edge in zip(outputs, graph.roots):
             self.memo[edge] = Value(y.detach())
+            base = view_base(y)
+            if base is not None:
+                self._viewed_from(edge, y, base)
         for x, edge in zip(inputs, graph.targets):
             self.memo.setdefault(edge, Value(x.detach()))
         self._given = set(self.memo)
@@ -37,6 +50,30 @@ class Resolver:
         # propagate (-1: an input that the traversal never visits, so never).
         self._left = [len(r) if (r := gn.reaching) is (g := gn.graph_inputs) or len(r) == len(g) else -1
                       for gn in graph.nodes]
+        self._hold: dict[int, set[int]] = {}  # nodes to free: the nodes below still to settle
+        self._settled = [False] * len(graph.nodes)
+        self._invertible: dict[int, bool] = {}
+        self._weight: dict[int, int] = {}
+
+    def _viewed_from(self, edge: Edge, y: torch.Tensor, base: torch.Tensor) -> None:
+        """An output that is a view (``logits[:, -1]``) keeps the tensor it views alive: when the
+        output's node is that view (its forward, run on ``base``, gives ``y`` itself -- the same
+        memory, shape and strides), ``base`` is the node's input, known for free."""
+        gn = self.graph.nodes[edge[0]]
+        entry = lookup(gn.name)
+        if entry is None or entry.forward is None or len(gn.inputs) != 1 or gn.inputs[0] is None:
+            return
+        source = gn.inputs[0]
+        shape, dtype, _ = self.graph.nodes[source[0]].meta(source[1])
+        if base.shape != shape or base.dtype != dtype:
+            return
+        try:
+            seen = entry.forward(gn.fn, [base.detach()])
+        except (MissingOperand, RuntimeError, TypeError, IndexError):
+            return
+        if (isinstance(seen, torch.Tensor) and seen.data_ptr() == y.data_ptr()
+                and seen.shape == y.shape and seen.stride() == y.stride()):
+            self.memo.setdefault(source, Value(base.detach()))
 
     def value(self, edge: Edge, requester: int) -> Value:  # pragma: no cover
         """The forward value of ``edge``; may be partial (known on a mask) where that is all
@@ -56,6 +93,8 @@ class Resolver:
         toward nodes not yet propagated). So once a node and every node below it in the
         traversal are propagated, its values are dropped, and memory stays near the width of
         the traversal frontier. A value asked for again is rebuilt the way it was found."""
+        if self.release_saved:
+            self._settle_done(i)
         if self.keep_values:
             return
         left = self._left
@@ -68,6 +107,85 @@ class Resolver:
                 left[c] = n = n - 1
                 if n == 0 and processed[c]:
                     self._release(c)
+
+    def defer(self, late: dict[int, int]) -> None:
+        """Requests for the outputs of node ``f`` come as late as node ``late[f]`` (a batch norm
+        folded into the layer before it: that layer's rule reads the norm's output and saved
+        tensors), so ``f`` is settled (:meth:`_settle`) with that node, not before."""
+        self._late = late
+        self._then: dict[int, list[int]] = {}
+        for f, p in late.items():
+            self._then.setdefault(p, []).append(f)
+
+    _late: dict[int, int] = {}
+    _then: dict[int, list[int]] = {}
+
+    def _settle_done(self, i: int) -> None:
+        if i in self._late:
+            return
+        for f in self._then.get(i, ()):
+            self._settle(f)
+        self._settle(i)
+
+    def _settle(self, i: int) -> None:
+        """Node ``i`` was propagated: free the saved tensors of nodes no later request reads.
+
+        Autograd's engine frees a node's saved tensors right after running it. Here they
+        serve longer: a value below a node may be taken from them, through the inverses of the
+        nodes in between (``(a + b) - b``, a view seen back, ``relu`` where positive). So a
+        node's tensors are freed once it and the nodes :data:`RELEASE_DEPTH` levels below it
+        through invertible nodes are settled. A request that still reaches a freed node
+        finds no value there and takes the next source (:data:`Graph.freed`)."""
+        hold, settled = self._hold, self._settled
+        settled[i] = True
+        below = {y for y in self._reach(i, down=True) if not settled[y]}
+        if below:
+            hold[i] = below
+        else:
+            self._free_saved(i)
+        for c in self._reach(i, down=False):
+            waits = hold.get(c)
+            if waits is not None and i in waits:
+                waits.discard(i)
+                if not waits:
+                    del hold[c]
+                    self._free_saved(c)
+
+    def _reach(self, i: int, down: bool) -> set[int]:
+        """Nodes below (``down``) or above ``i`` with only invertible nodes in between, at most
+        :data:`RELEASE_DEPTH` of which keep tensors (views and transposes, which keep none,
+        are passed for free); below, only nodes the traversal propagates."""
+        nodes, spent, frontier = self.graph.nodes, {}, deque([(i, 0)])
+        while frontier:
+            x, used = frontier.popleft()
+            if x != i:
+                if not self._inverts(x):
+                    continue
+                used += self._weighs(x)
+            gn = nodes[x]
+            for y in [e[0] for e in gn.inputs if e is not None] if down else [c for c, _ in gn.consumers]:
+                if used < RELEASE_DEPTH and spent.get(y, RELEASE_DEPTH) > used:
+                    spent[y] = used
+                    frontier.append((y, used))
+        return {y for y in spent if nodes[y].reaches} if down else set(spent)
+
+    def _weighs(self, x: int) -> int:
+        known = self._weight.get(x)
+        if known is None:
+            known = self._weight[x] = int(saves_tensors(self.graph.nodes[x].fn))
+        return known
+
+    def _inverts(self, x: int) -> bool:
+        known = self._invertible.get(x)
+        if known is None:
+            entry = lookup(self.graph.nodes[x].name)
+            known = self._invertible[x] = entry is not None and entry.inverse is not None
+        return known
+
+    def _free_saved(self, i: int) -> None:
+        gn = self.graph.nodes[i]
+        if not gn.is_leaf and release(gn.fn):
+            self.graph.freed[i] = True
 
     def _release(self, i: int) -> None:
         memo, given = self.memo, self._given
@@ -118,7 +236,12 @@ def invert_by_consumers(graph: Graph, edge: Edge, output_of, operand_of) -> tupl
             if e is not None and s != slot:
                 v = operand_of(e, consumer, s)
                 xs[s] = None if v is None or not v.exact else v.tensor
-        got = entry.inverse(cn.fn, out, xs).get(slot)
+        try:
+            got = entry.inverse(cn.fn, out, xs).get(slot)
+        except GraphFreedError:  # (an inverse that reads a tensor the call freed)
+            if not graph.freed[consumer]:
+                raise
+            continue
         if got is not None:
             found = merge(found, got)
             used.append((consumer, slot))
@@ -141,7 +264,7 @@ def saved_value(graph: Graph, edge: Edge, recompute: bool = True) -> tuple[torch
         if value is not None:
             return value, ("tap", consumer, slot)
     entry = lookup(gn.name)
-    if entry is None or edge[1] != 0 or (entry.own_recomputes and not recompute):
+    if entry is None or edge[1] != 0 or (entry.own_recomputes and not recompute) or graph.freed[edge[0]]:
         return None, None
     own = entry.own(gn.fn)
     return (own.detach(), ("own",)) if own is not None else (None, None)
@@ -157,7 +280,7 @@ def tap_value(graph: Graph, consumer: int, slot: int) -> torch.Tensor | None:
     """The value of input ``slot`` of node ``consumer`` if that node saved it, else None."""
     cn = graph.nodes[consumer]
     entry = lookup(cn.name)
-    if entry is None:
+    if entry is None or graph.freed[consumer]:
         return None
     value = entry.taps(cn.fn).get(slot)
     return None if value is None else value.detach()

@@ -13,7 +13,9 @@ every generic check on a case:
 * conservation, as the entry's ``contract`` declares;
 * promise mode equals recorded mode;
 * the entry's closures (``forward``, ``own``, ``taps``, ``inverse``) against the true
-  forward values (:func:`check_closures`).
+  forward values (:func:`check_closures`);
+* the default call, which frees the graph's saved tensors as it goes, equals a call with
+  ``retain_graph=True`` exactly (:func:`check_released`).
 
 :func:`check_replay` and :func:`check_inverse_chain` put the op between frozen linear maps so
 that the Promise System must rebuild its values through the entry's forward and inverse
@@ -279,15 +281,18 @@ def graph_nodes(y: Tensor | Sequence[Tensor]) -> list[Any]:
 
 
 def run_lrp(y: Any, xs: Sequence[Tensor], seed: Any, rules: Any = None,
-            tape: Any = None) -> tuple[Tensor, ...]:
+            tape: Any = None, retain_graph: bool = False) -> tuple[Tensor, ...]:
     """``dynlrp.lrp`` with the arguments the tests use.
+
+    ``retain_graph=True`` keeps ``y``'s graph for a later use (another call, reading saved
+    tensors); by default the call frees it as it propagates.
 
     Returns
     -------
     tuple of torch.Tensor
         One relevance per requested input.
     """
-    return dynlrp.lrp(y, list(xs), seed, rules=rules, tape=tape)
+    return dynlrp.lrp(y, list(xs), seed, rules=rules, tape=tape, retain_graph=retain_graph)
 
 
 def check_shape_dtype(rels: Sequence[Tensor], xs: Sequence[Tensor]) -> None:
@@ -542,7 +547,7 @@ def check_case(case: Case) -> None:
     y = forward(case, inputs)
     seed = make_seed(case, y)
     requested = [inputs[i] for i in case.requested]
-    rels = run_lrp(y, requested, seed, case.rules)
+    rels = run_lrp(y, requested, seed, case.rules, retain_graph=True)  # check_closures reads y's graph
     check_shape_dtype(rels, requested)
     expected = case.reference(detached(inputs), seed.detach())
     assert len(expected) == len(rels)
@@ -554,6 +559,31 @@ def check_case(case: Case) -> None:
     check_recorded(case, inputs, seed, rels)
     check_batch_rows(case, inputs, seed, rels)
     check_closures(y)
+    check_released(case, y, requested, seed, rels)
+
+
+def check_released(case: Case, y: Tensor, requested: Sequence[Tensor], seed: Tensor,
+                   expected: Sequence[Tensor]) -> None:
+    """The default call (``retain_graph=False``, saved tensors freed as it goes) gives exactly
+    the relevance of a call that kept the graph. Uses ``y``'s graph up: call it last.
+
+    Parameters
+    ----------
+    case : Case
+    y : torch.Tensor
+        The output whose graph ``expected`` came from (still retained).
+    requested : sequence of torch.Tensor
+        The requested inputs.
+    seed : torch.Tensor
+    expected : sequence of torch.Tensor
+        Relevance of the earlier call with ``retain_graph=True``.
+    """
+    released = run_lrp(y, requested, seed, case.rules)
+    assert len(released) == len(expected)
+    for k, (r, e) in enumerate(zip(released, expected)):
+        assert torch.equal(r, e), (
+            f"{case.id}: relevance of input {case.requested[k]} differs when the graph is freed as "
+            f"it goes (retain_graph=False): max abs diff {float((r.to(DT) - e.to(DT)).abs().max())!r}")
 
 
 # -- the entry closures against true values --------------------------------------------------

@@ -166,7 +166,7 @@ def test_multi_output_all_outputs(which):
     parts = fn(x)
     assert all(p.grad_fn.name() == name for p in parts)
     seeds = [torch.randn_like(p) for p in parts]
-    (rx,) = run_lrp(list(parts), [x], seeds)
+    (rx,) = run_lrp(list(parts), [x], seeds, retain_graph=True)  # check_closures reads the graph
     expected = sum(route_reference(lambda t, k=k: fn(t)[k], x.detach(), s) for k, s in enumerate(seeds))
     assert_close(rx, expected, f"{which}: all outputs")
     check_conservation([rx], seeds, dynlrp.ops.lookup(name).contract, which)

@@ -297,7 +297,7 @@ def check_masked_softmax_case(case: Case) -> None:
     with dynlrp.record() as tape:
         y = forward(case, inputs)
     seed = make_seed(case, y)
-    rels = run_lrp(y, inputs, seed, case.rules, tape=tape)
+    rels = run_lrp(y, inputs, seed, case.rules, tape=tape, retain_graph=True)  # check_closures reads y
     check_shape_dtype(rels, inputs)
     (expected,) = case.reference(detached(inputs), seed.detach())
     assert_close(rels[0], expected, f"{case.id}: relevance != reference", rtol=case.tol, atol=1e-12)
@@ -337,7 +337,7 @@ def test_softmax_after_frozen_affine_map():
     (recorded,) = dynlrp.lrp(y2, u, seed, rules=rules, tape=tape)
     g = seed - y.detach() * seed.sum(-1, keepdim=True)
     assert_close(recorded, u.detach() * (g @ a.T), "recorded != reference")
-    (promised,) = dynlrp.lrp(y, u, seed, rules=rules)
+    (promised,) = dynlrp.lrp(y, u, seed, rules=rules, retain_graph=True)  # y is explained again below
     assert_close(promised, recorded, "promise != recorded", rtol=1e-12, atol=1e-14)
     with pytest.raises(dynlrp.UnrecoverableValueError, match="record"):
         dynlrp.lrp(y, u, seed, rules={"linear": dynlrp.rules.Epsilon(1e-6)})
@@ -352,7 +352,7 @@ def test_sum_with_constants():
     y = x + c
     seed = torch.randn_like(y)
     rules = {"sum": dynlrp.rules.SumWithConstants()}
-    (r,) = dynlrp.lrp(y, x, seed, rules=rules)
+    (r,) = dynlrp.lrp(y, x, seed, rules=rules, retain_graph=True)  # y is explained again below
     assert_close(r, x.detach() * seed / (x.detach() + c), "x + c")
     (r0,) = dynlrp.lrp(y, x, seed)  # Proportional: a constant takes nothing
     assert_close(r0, seed, "Proportional on x + c")
@@ -478,7 +478,7 @@ def test_eager_attention_equals_fused_attention(preset, mask, causal):
     with dynlrp.record() as tape:
         y = _eager_attention(q, k, v, mask, causal)
     seed = torch.randn_like(y)
-    eager = dynlrp.lrp(y, [q, k, v], seed, rules=rules, tape=tape)
+    eager = dynlrp.lrp(y, [q, k, v], seed, rules=rules, tape=tape, retain_graph=True)  # y again below
     # the masked scores are not in the graph: with a mask, promise mode passes relevance per unit
     promised = dynlrp.lrp(y, [q, k, v], seed, rules=rules)
     for a, b in zip(promised, eager):

@@ -110,6 +110,8 @@ class Affine:
     ``place_bias(b)``, for an op whose bias autograd did not keep, is the bias term of the output
     for the module's bias parameter ``b`` (found from ``params[0]``, the weight parameter, by
     :class:`dynlrp.values.Parameters`), or ``None``.
+    ``rows`` marks a map of 2-D inputs that takes each row of ``x`` to the same row of the
+    output (``x @ W``): rules may then run it on the rows that carry relevance only.
     """
 
     weight: torch.Tensor
@@ -120,6 +122,7 @@ class Affine:
     channelwise: bool = False
     params: tuple[torch.Tensor, ...] = ()
     place_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
+    rows: bool = False
 
 
 def fold(first: Affine, channel: Affine) -> Affine:

@@ -67,7 +67,7 @@ def _product_affine(w, slot, data_slot, alpha, bias=None, known=True, params=(),
         return None
     if slot == data_slot:
         return Affine(w, lambda x, v: alpha * (x @ v), bias, known, _scale_columns, False, (w, *params),
-                      place_bias)
+                      place_bias, rows=w.dim() == 2)
     return Affine(w, lambda x, v: alpha * (v @ x), bias, known, None, False, (w, *params), place_bias)
 
 
