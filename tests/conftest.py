@@ -44,3 +44,10 @@ def resolvers(monkeypatch):
 
     monkeypatch.setattr(dynlrp.engine, "PromiseResolver", Recording)
     return made
+
+
+@pytest.fixture(autouse=True)
+def _free_every_tensor(monkeypatch):
+    """Free saved tensors of every size (by default small ones are not worth the time), so that
+    every test that explains a graph once also checks that freeing it as it goes is safe."""
+    monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 0)

@@ -325,3 +325,17 @@ def test_freeing_gives_the_same_relevance_on_a_residual_network(cached):
     freed, = engines[1](y, x, model=model)
     assert torch.equal(kept, freed)
     assert engines[1].stats["cached_plan"] == cached and any(engines[1].stats.values())
+
+
+def test_a_small_graph_is_used_up_alike(monkeypatch):
+    """Tensors too small to be worth freeing stay (dynlrp.values.RELEASE_MIN), but the graph
+    is used up all the same: a second call and a backward fail as on a large graph."""
+    monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 1 << 14)
+    l1, l2 = two_layers()
+    x = torch.randn(2, 4, requires_grad=True)
+    y = l2(torch.relu(l1(x)))
+    dynlrp.lrp(y, x)
+    with pytest.raises(dynlrp.GraphFreedError, match="retain_graph=True"):
+        dynlrp.lrp(y, x)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        (y * 2).sum().backward()

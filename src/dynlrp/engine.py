@@ -44,7 +44,7 @@ from .plan import Plan, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
 from .rules import linear_in
-from .saved import apply_node
+from .saved import apply_node, consume, consumed, consumed_error
 from .values import Parameters, Resolver
 
 
@@ -312,6 +312,13 @@ class LRP:
                 resolver.defer(late)
             return self._propagate(graph, entries, rules, seeds, resolver, check_each), resolver
 
+        roots = [graph.nodes[i].fn for i, _ in graph.roots]
+        for fn in roots:
+            if consumed(fn):
+                raise consumed_error(fn)
+        if not retain_graph:
+            for fn in roots:
+                consume(fn)
         with torch.no_grad(), _deep_recursion(len(graph.nodes)):
             result, resolver = run(False, plan)
             stale = getattr(resolver, "stale", False)

@@ -188,3 +188,29 @@ def release(node: Any) -> bool:
             except (RuntimeError, AttributeError):  # undefined (None), freed, or hooked already
                 pass
     return bool(names)
+
+
+_CONSUMED = "dynlrp: graph freed"  # key in a root node's (public) ``metadata`` dict
+
+
+def _refuse(grad_outputs: Any) -> None:
+    _released(None)
+
+
+def consume(node: Any) -> None:
+    """Mark the graph of root ``node`` as used up by a call that frees it: its large saved tensors
+    are released as the call goes (:func:`release`), the small ones are not worth the time, so
+    the mark makes a later call (:func:`consumed`) or ``.backward()`` through ``node`` fail
+    alike, whatever the sizes."""
+    if not node.metadata.get(_CONSUMED):
+        node.metadata[_CONSUMED] = True
+        node.register_prehook(_refuse)
+
+
+def consumed(node: Any) -> bool:
+    """Whether a call that frees the graph already ran from root ``node`` (:func:`consume`)."""
+    return bool(node.metadata.get(_CONSUMED))
+
+
+def consumed_error(node: Any) -> GraphFreedError:
+    return _translate(node, RuntimeError(_RELEASED))

@@ -7,6 +7,7 @@ saved) and :class:`dynlrp.record.TapeResolver` (recorded mode: from the tape).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Sequence
 
@@ -20,6 +21,9 @@ from .saved import release, saves_tensors, view_base
 #: How many levels below a node the inversions that read its saved tensors are awaited
 #: before the tensors are freed (:meth:`Resolver._settle`).
 RELEASE_DEPTH = 3
+#: Nodes whose inputs and outputs all hold fewer elements than this keep their saved tensors
+#: until the graph is dropped (:meth:`Resolver._worth_freeing`).
+RELEASE_MIN = 1 << 14
 
 
 class Resolver:
@@ -138,11 +142,14 @@ class Resolver:
         finds no value there and takes the next source (:data:`Graph.freed`)."""
         hold, settled = self._hold, self._settled
         settled[i] = True
-        below = {y for y in self._reach(i, down=True) if not settled[y]}
-        if below:
-            hold[i] = below
-        else:
-            self._free_saved(i)
+        if self._worth_freeing(i):
+            below = {y for y in self._reach(i, down=True) if not settled[y]}
+            if below:
+                hold[i] = below
+            else:
+                self._free_saved(i)
+        if not hold:
+            return
         for c in self._reach(i, down=False):
             waits = hold.get(c)
             if waits is not None and i in waits:
@@ -168,6 +175,18 @@ class Resolver:
                     spent[y] = used
                     frontier.append((y, used))
         return {y for y in spent if nodes[y].reaches} if down else set(spent)
+
+    def _worth_freeing(self, i: int) -> bool:
+        """Whether node ``i`` may keep a tensor worth freeing: one of its inputs or outputs holds
+        :data:`RELEASE_MIN` elements or more (freeing costs microseconds per tensor; small
+        graphs skip the bookkeeping altogether)."""
+        gn = self.graph.nodes[i]
+        if gn.is_leaf:
+            return False
+        nodes = self.graph.nodes
+        metas = [nodes[e[0]].meta(e[1]) for e in gn.inputs if e is not None]
+        metas += [gn.meta(k) for k in range(gn.num_outputs)]
+        return any(math.prod(shape) >= RELEASE_MIN for shape, _, _ in metas)
 
     def _weighs(self, x: int) -> int:
         known = self._weight.get(x)
