@@ -339,3 +339,19 @@ def test_a_small_graph_is_used_up_alike(monkeypatch):
         dynlrp.lrp(y, x)
     with pytest.raises(RuntimeError, match="retain_graph=True"):
         (y * 2).sum().backward()
+
+
+def test_a_call_that_fails_before_freeing_anything_leaves_the_graph_usable():
+    """Promise mode needs the model for a frozen downsample block's biases; the call that says
+    so has freed nothing yet, so the same forward pass can be explained with ``model=``."""
+    from models import DownsampleBlock
+
+    block = freeze(randomize_affine(DownsampleBlock()))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    y = block(x)
+    with pytest.raises(dynlrp.UnrecoverableValueError, match="model"):
+        dynlrp.lrp(y, x)
+    r, = dynlrp.lrp(y, x, model=block)
+    assert torch.isfinite(r).all()
+    with pytest.raises(dynlrp.GraphFreedError):
+        dynlrp.lrp(y, x, model=block)

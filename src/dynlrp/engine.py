@@ -316,11 +316,15 @@ class LRP:
         for fn in roots:
             if consumed(fn):
                 raise consumed_error(fn)
-        if not retain_graph:
-            for fn in roots:
-                consume(fn)
+        marks = [] if retain_graph else [consume(fn) for fn in roots]
+        try:
+            result, resolver = self._run_once(run, plan, graph)
+        except Exception:
+            if not any(graph.freed):  # it failed before freeing anything: the graph serves again
+                for undo in marks:
+                    undo()
+            raise
         with torch.no_grad(), _deep_recursion(len(graph.nodes)):
-            result, resolver = run(False, plan)
             stale = getattr(resolver, "stale", False)
             if stale:  # a recipe did not apply (searched afresh): plan anew next time
                 with self._lock:
@@ -346,6 +350,11 @@ class LRP:
                 "the relevance does not fit the inputs' dtype (it was computed in float32 and overflows "
                 "when cast back); explain float32 inputs, or scale the seed down")
         return out
+
+    @staticmethod
+    def _run_once(run, plan: Plan | None, graph: Graph) -> tuple[list, Resolver]:
+        with torch.no_grad(), _deep_recursion(len(graph.nodes)):
+            return run(False, plan)
 
     def _seeds(self, outputs: tuple, relevance: Any) -> list[torch.Tensor]:
         if relevance is None:

@@ -8,6 +8,7 @@ torch releases, so every access goes through this module: an op entry asks for
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -197,14 +198,26 @@ def _refuse(grad_outputs: Any) -> None:
     _released(None)
 
 
-def consume(node: Any) -> None:
+def consume(node: Any) -> Callable[[], None]:
     """Mark the graph of root ``node`` as used up by a call that frees it: its large saved tensors
     are released as the call goes (:func:`release`), the small ones are not worth the time, so
     the mark makes a later call (:func:`consumed`) or ``.backward()`` through ``node`` fail
-    alike, whatever the sizes."""
-    if not node.metadata.get(_CONSUMED):
-        node.metadata[_CONSUMED] = True
-        node.register_prehook(_refuse)
+    alike, whatever the sizes. Returns a function that lifts the mark (for a call that failed
+    before it freed anything)."""
+    if node.metadata.get(_CONSUMED):
+        return _nothing
+    node.metadata[_CONSUMED] = True
+    handle = node.register_prehook(_refuse)
+
+    def undo() -> None:
+        node.metadata.pop(_CONSUMED, None)
+        handle.remove()
+
+    return undo
+
+
+def _nothing() -> None:
+    return None
 
 
 def consumed(node: Any) -> bool:
