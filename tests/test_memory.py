@@ -114,3 +114,18 @@ def test_a_view_that_is_not_the_nodes_own_is_not_taken(resolvers):
     seed = torch.zeros(2, 12)
     seed[1] = h.detach().view(2, 12)[1]
     assert_close(r, epsilon_reference(x.detach(), lin.weight, lin.bias, seed.view(4, 6), 1e-6))
+
+
+def test_z_plus_on_a_folded_batch_norm_leaves_the_parameters_alone():
+    """Under EpsilonPlus a batch norm folded into the convolution before it gives a weight made
+    for the node (``Affine.owned``), which z+ turns into ``W+`` in place; the module's own
+    weight must stay as it was, and a second explanation must agree with the first."""
+    from models import ConvBNBlock, assert_unchanged, randomize_affine, state_snapshot
+
+    model = randomize_affine(ConvBNBlock(3)).eval().requires_grad_(False)
+    before = state_snapshot(model)
+    x = torch.rand(2, 3, 6, 6, requires_grad=True)  # non-negative: z+ needs W+ only
+    first, = dynlrp.lrp(model(x), x, rules="epsilon_plus", model=model)
+    second, = dynlrp.lrp(model(x), x, rules="epsilon_plus", model=model)
+    assert_unchanged(model, before)
+    assert torch.equal(first, second)

@@ -441,13 +441,16 @@ def _only(ctx: RuleContext, slot: int, r: torch.Tensor) -> list[torch.Tensor | N
     return out
 
 
-def _split(affine: Affine, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor):
+def _split(affine: Affine, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, mixed: bool | None = None):
     """``W_a x+ + W_b x-`` and the adjoints that give back ``x+ * W_a^T s + x- * W_b^T s``.
 
     The negative half is skipped when ``x`` has no negative entry (after a ReLU): it is 0, and
     ``x+`` is ``x`` itself. ``wb`` may be a function that makes ``W_b`` (called only when needed).
-    Both results are new tensors the caller owns."""
-    if not x.numel() or x.amin() >= 0:
+    ``mixed`` says whether ``x`` has a negative entry, if the caller knows. Both results are new
+    tensors the caller owns."""
+    if mixed is None:
+        mixed = bool(x.numel()) and bool(x.amin() < 0)
+    if not mixed:
         zp, adj_p = _linear_with_adjoint(affine, x, wa)
         return zp, lambda s: adj_p(s).mul_(x)
     xp = x.clamp(min=0)
@@ -549,16 +552,22 @@ class AlphaBeta(Rule):
         slot, affine = ctx.data_slot, ctx.affine()
         x = ctx.input(slot)
         w = affine.weight.detach()
-        w_pos, made = w.clamp(min=0), []
+        bias = _bias(ctx, affine, x, self.zero_bias)  # (before the weight may be overwritten)
+        mixed = bool(x.numel()) and bool(x.amin() < 0)
+        # W- is only needed for inputs with negative entries, or beta > 0; otherwise a weight made
+        # for this node (a folded batch norm's) becomes W+ in place: no second weight-sized tensor
+        if affine.owned and not mixed and self.beta == 0:
+            w_pos, made = w.clamp_(min=0), []
+        else:
+            w_pos, made = w.clamp(min=0), []
 
-        def w_neg() -> torch.Tensor:  # only needed for inputs with negative entries, or beta > 0
+        def w_neg() -> torch.Tensor:
             if not made:
                 made.append(w.clamp(max=0))
             return made[0]
 
-        bias = _bias(ctx, affine, x, self.zero_bias)
         b = torch.as_tensor(bias, dtype=x.dtype, device=x.device)
-        z_pos, back_pos = _split(affine, x, w_pos, w_neg)
+        z_pos, back_pos = _split(affine, x, w_pos, w_neg, mixed)
         if isinstance(bias, torch.Tensor):  # (no bias is the 0.0 of `_bias`)
             z_pos = z_pos.add_(b.clamp(min=0))
         # W+ x+ + W- x- + b+ >= 0: the stabiliser needs no sign test, and z_pos is ours to
@@ -567,7 +576,7 @@ class AlphaBeta(Rule):
         del z_pos
         r = r if self.alpha == 1.0 else self.alpha * r  # (1.0 * r is r)
         if self.beta != 0:
-            z_neg, back_neg = _split(affine, x, w_neg(), w_pos)
+            z_neg, back_neg = _split(affine, x, w_neg(), w_pos, mixed)
             r = r - self.beta * back_neg(divide(ctx.relevance, z_neg + b.clamp(max=0), self.eps))
         return _only(ctx, slot, r)
 

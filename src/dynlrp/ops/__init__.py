@@ -112,6 +112,8 @@ class Affine:
     :class:`dynlrp.values.Parameters`), or ``None``.
     ``rows`` marks a map of 2-D inputs that takes each row of ``x`` to the same row of the
     output (``x @ W``): rules may then run it on the rows that carry relevance only.
+    ``owned`` marks a ``weight`` made for this view alone (a folded weight): the rule that asked
+    for the view may overwrite it once it needs it no more.
     """
 
     weight: torch.Tensor
@@ -123,6 +125,7 @@ class Affine:
     params: tuple[torch.Tensor, ...] = ()
     place_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
     rows: bool = False
+    owned: bool = False
 
 
 def fold(first: Affine, channel: Affine) -> Affine:
@@ -142,7 +145,7 @@ def fold(first: Affine, channel: Affine) -> Affine:
         bias = bias if channel.bias is None else bias + channel.bias
     elif known:
         bias = channel.bias
-    return Affine(weight, first.linear, bias, known, None, False, first.params)
+    return Affine(weight, first.linear, bias, known, None, False, first.params, owned=True)
 
 
 @dataclass(frozen=True)
