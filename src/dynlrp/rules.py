@@ -787,11 +787,10 @@ class SoftmaxDT(Rule):
         if not ctx.reaching:
             return [None] * ctx.num_inputs
         s = ctx.output
-        live = s != 0
-        safe = torch.where(live, s, torch.ones_like(s))
-        ratio = torch.where(live, ctx.relevance / safe, torch.zeros_like(s))
+        dead = s == 0  # (masked out: R / s and x * grad may be inf or nan there, and become 0)
+        ratio = (ctx.relevance / s).masked_fill_(dead, 0)
         grad = ctx.vjp(ratio)[0]
-        return _only_slots(ctx, {0: torch.where(live, ctx.input(0) * grad, torch.zeros_like(grad))})
+        return _only_slots(ctx, {0: (ctx.input(0) * grad).masked_fill_(dead, 0)})
 
 
 class SumWithConstants(Rule):
