@@ -296,9 +296,11 @@ class LRP:
             plan = self.plans.get(signature) if signature is not None else None
         entries = plan.entries if plan is not None else self._entries(graph)
         rules = plan.rules if plan is not None else {}
-        folds = ({i: r.fused for i, r in rules.items() if r.fused is not None} if plan is not None
-                 else self.rules.folds(graph))
-        late = {f: p for p, f in folds.items()}  # a folded norm's output is read at the layer before
+        late: dict[int, int] = {}  # a folded norm's output is read at the layer before it
+        if not retain_graph:
+            folds = ({i: r.fused for i, r in rules.items() if r.fused is not None} if plan is not None
+                     else self.rules.folds(graph))
+            late = {f: p for p, f in folds.items()}
 
         def run(check_each: bool, plan: Plan | None) -> tuple[list, Resolver]:
             if tape is not None:
@@ -317,14 +319,14 @@ class LRP:
             if consumed(fn):
                 raise consumed_error(fn)
         marks = [] if retain_graph else [consume(fn) for fn in roots]
-        try:
-            result, resolver = self._run_once(run, plan, graph)
-        except Exception:
-            if not any(graph.freed):  # it failed before freeing anything: the graph serves again
-                for undo in marks:
-                    undo()
-            raise
         with torch.no_grad(), _deep_recursion(len(graph.nodes)):
+            try:
+                result, resolver = run(False, plan)
+            except Exception:
+                if not any(graph.freed):  # it failed before freeing anything: the graph serves again
+                    for undo in marks:
+                        undo()
+                raise
             stale = getattr(resolver, "stale", False)
             if stale:  # a recipe did not apply (searched afresh): plan anew next time
                 with self._lock:
@@ -350,11 +352,6 @@ class LRP:
                 "the relevance does not fit the inputs' dtype (it was computed in float32 and overflows "
                 "when cast back); explain float32 inputs, or scale the seed down")
         return out
-
-    @staticmethod
-    def _run_once(run, plan: Plan | None, graph: Graph) -> tuple[list, Resolver]:
-        with torch.no_grad(), _deep_recursion(len(graph.nodes)):
-            return run(False, plan)
 
     def _seeds(self, outputs: tuple, relevance: Any) -> list[torch.Tensor]:
         if relevance is None:

@@ -133,14 +133,6 @@ def custom_saved_tensors(node: Any) -> tuple[torch.Tensor, ...]:
     return tuple(getattr(node, "saved_tensors", ()))
 
 
-def check_not_freed(node: Any) -> None:
-    """Raise :class:`GraphFreedError` if ``node``'s saved tensors were released."""
-    for attr in dir(node):
-        if attr.startswith("_saved_"):
-            saved(node, attr[len("_saved_"):])
-            return
-
-
 # -- releasing saved tensors (``retain_graph=False``) ---------------------------------------
 _RELEASED = "freed by dynlrp.lrp"
 _RAW_SAVED: dict[type, tuple[str, ...]] = {}  # node type -> its ``_raw_saved_*`` attribute names

@@ -58,6 +58,8 @@ class Resolver:
         self._settled = [False] * len(graph.nodes)
         self._invertible: dict[int, bool] = {}
         self._weight: dict[int, int] = {}
+        self._late: dict[int, int] = {}  # see defer
+        self._then: dict[int, list[int]] = {}
 
     def _viewed_from(self, edge: Edge, y: torch.Tensor, base: torch.Tensor) -> None:
         """An output that is a view (``logits[:, -1]``) keeps the tensor it views alive: when the
@@ -117,12 +119,8 @@ class Resolver:
         folded into the layer before it: that layer's rule reads the norm's output and saved
         tensors), so ``f`` is settled (:meth:`_settle`) with that node, not before."""
         self._late = late
-        self._then: dict[int, list[int]] = {}
         for f, p in late.items():
             self._then.setdefault(p, []).append(f)
-
-    _late: dict[int, int] = {}
-    _then: dict[int, list[int]] = {}
 
     def _settle_done(self, i: int) -> None:
         if i in self._late:
@@ -202,8 +200,7 @@ class Resolver:
         return known
 
     def _free_saved(self, i: int) -> None:
-        gn = self.graph.nodes[i]
-        if not gn.is_leaf and release(gn.fn):
+        if release(self.graph.nodes[i].fn):  # (leaves are never worth freeing: _worth_freeing)
             self.graph.freed[i] = True
 
     def _release(self, i: int) -> None:
