@@ -195,3 +195,103 @@ def test_second_calls_take_the_same_sources(cached):
         assert_close(got, fresh)
     assert engine.stats["cached_plan"] is cached
 
+
+
+# -- values the rules can do without ----------------------------------------------------------
+
+class BiasApart(nn.Module):
+    """A frozen projection of a sequence-first view, as ``nn.MultiheadAttention`` makes at
+    batch > 1: ``x.transpose(0, 1) @ W^T`` is a ``bmm`` with the weight expanded, and the
+    bias is added on its own (a constant autograd never sees). SiLU saves the sum; the
+    product itself is saved by nothing, so rebuilding it means recomputing the ``bmm``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(6, 8)
+        self.out = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.matmul(x.transpose(0, 1), self.lin.weight.t()) + self.lin.bias
+        return self.out(nn.functional.silu(h)).sum(0)
+
+
+def _recorded(model, x, rules):
+    with dynlrp.record() as tape:
+        y = model(x)
+    return dynlrp.lrp(y, x, rules=rules, tape=tape)[0]
+
+
+def test_a_product_that_only_divides_is_not_recomputed(resolvers):
+    """Under AttnLRP (epsilon 0) the product's value enters only as ``R / z``, and the sum
+    with the bias only as a final factor: relevance passes per unit of it
+    (:class:`dynlrp.engine.PerUnit`), so the ``bmm`` is not replayed. The result equals
+    recorded mode's and the rebuilding engine's."""
+    rules = "attnlrp"
+    torch.manual_seed(0)
+    model = BiasApart().requires_grad_(False)
+    x = torch.randn(4, 5, 6, requires_grad=True)
+    engine = dynlrp.LRP(rules)
+    got, = engine(model(x), x)
+    names = {resolvers[0].graph.nodes[i].name for i in resolvers[0].replayed}
+    assert "BmmBackward0" not in names
+    assert engine.stats["per_unit_values"] >= 1
+    assert_close(got, _recorded(model, x, rules))
+    rebuilt, = dynlrp.LRP(rules, rebuild_costly=True)(model(x), x)
+    names = {resolvers[1].graph.nodes[i].name for i in resolvers[1].replayed}
+    assert "BmmBackward0" in names and resolvers[1].stats()["per_unit_values"] == 0
+    assert_close(got, rebuilt)
+
+
+def test_a_costly_chain_ends_per_unit_at_the_convolution(resolvers):
+    """D.1's chain (``linear(flatten(transpose(conv(x))))``) under LRP-0: the linear layer's
+    input, past views, is a convolution's output that only a recompute rebuilds. No promise
+    is made; the relevance routes per unit to the convolution, whose rule divides by the
+    unit. Same relevance as the Promise System's, and conservative."""
+    from test_promise import PromiseChain
+
+    torch.manual_seed(0)
+    model = PromiseChain().requires_grad_(False)
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    engine = dynlrp.LRP(LRP0)
+    y = model(x)
+    got, = engine(y, x, retain_graph=True)
+    assert engine.stats["promises"] == 0 and engine.stats["promise_internal_nodes"] == 0
+    assert engine.stats["per_unit_values"] == 2  # the linear's input and the convolution's output
+    assert not resolvers[0].replayed
+    assert_close(got, dynlrp.LRP(LRP0, rebuild_costly=True)(y, x)[0])
+    assert_close(got.sum((1, 2, 3)), y.detach().sum(1))
+
+
+def test_epsilon_above_zero_rebuilds_the_value_where_it_divides(resolvers):
+    """With epsilon > 0 the convolution's rule needs its true output (``R / (z + eps)``): the
+    value is rebuilt there, once, and the result equals recorded mode's."""
+    from test_promise import PromiseChain
+
+    torch.manual_seed(0)
+    model = PromiseChain().requires_grad_(False)
+    x = torch.randn(3, 2, 4, 4, requires_grad=True)
+    rules = {"linear": Epsilon(1e-3)}
+    got, = dynlrp.LRP(rules)(model(x), x)
+    assert how_of(resolvers[0], "ConvolutionBackward0") == ["own"]
+    assert_close(got, _recorded(model, x, rules))
+
+
+@pytest.mark.parametrize("model_type", ["BiasApart", "PromiseChain"])
+def test_the_plan_keeps_the_values_left_unbuilt(model_type):
+    """A second call that follows the cached plan leaves the same values unbuilt, with the
+    same statistics and relevance as a fresh engine, and does not replan."""
+    import test_promise
+
+    model = (BiasApart() if model_type == "BiasApart" else test_promise.PromiseChain()).requires_grad_(False)
+    shape = (4, 5, 6) if model_type == "BiasApart" else (3, 2, 4, 4)
+    rules = "attnlrp" if model_type == "BiasApart" else LRP0
+    engine = dynlrp.LRP(rules)
+    stats = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        x = torch.randn(*shape, requires_grad=True)
+        got, = engine(model(x), x)
+        stats.append({k: v for k, v in engine.stats.items() if k != "cached_plan"})
+        assert_close(got, dynlrp.LRP(rules, cache=False)(model(x), x)[0])
+    assert engine.stats["cached_plan"] is True and engine.stats["replanned"] is False
+    assert stats[0] == stats[1] and stats[0]["per_unit_values"] > 0

@@ -54,7 +54,7 @@ def explain(model: nn.Module, x: torch.Tensor, seed: torch.Tensor | None, resolv
     """
     with dynlrp.record() as tape:
         y = model(x)
-    engine = dynlrp.LRP(LRP0)
+    engine = dynlrp.LRP(LRP0, rebuild_costly=True)
     r_promise, = engine(y, x, seed, retain_graph=True)  # (explained again, in recorded mode)
     assert len(resolvers) == 1, "promise mode made exactly one resolver"
     r_recorded, = dynlrp.lrp(y, x, seed, rules=LRP0, tape=tape)
@@ -335,7 +335,7 @@ def test_d3_latent_relevance_at_the_shared_node(resolvers):
     x = torch.randn(2, 2, 4, 4, requires_grad=True)
     e = model.conv0(x).transpose(2, 3)
     y = (model.conv1(torch.relu(e)) + e.clone()).flatten(1)
-    engine = dynlrp.LRP(LRP0)
+    engine = dynlrp.LRP(LRP0, rebuild_costly=True)
     r_e, r_x = engine(y, [e, x])
     # The caller passed E, so E is an Arg Node: the branch stops there, no reach-ahead.
     assert engine.stats["pre_promises"] == 0
@@ -504,12 +504,12 @@ def test_second_call_reports_the_same_promises(model_type):
     (on the same engine, which may follow a cached plan) gives the same relevance and the
     same promise statistics as the first."""
     model = model_type().requires_grad_(False)
-    engine = dynlrp.LRP(LRP0)
+    engine = dynlrp.LRP(LRP0, rebuild_costly=True)
     results, stats = [], []
     for _ in range(2):
         x = torch.randn(2, 2, 4, 4, requires_grad=True)
         y = model(x)
-        results.append((engine(y, x, retain_graph=True)[0], dynlrp.LRP(LRP0)(y, x)[0]))
+        results.append((engine(y, x, retain_graph=True)[0], dynlrp.LRP(LRP0, rebuild_costly=True)(y, x)[0]))
         stats.append({k: v for k, v in engine.stats.items() if k != "cached_plan"})
     for reused, fresh in results:
         assert_close(reused, fresh)

@@ -239,6 +239,15 @@ class LRP:
         :class:`~dynlrp.errors.UnknownOpError` listing them. ``"pass"``: the identity rule
         (relevance split evenly over the op's inputs); ``"gradient"``: relevance routed by the
         op's gradient (gradient x input behaviour). Both warn, naming the ops.
+    rebuild_costly
+        ``False`` (default): a value that nothing saved and that would cost recomputing a
+        matrix product or a convolution (the output of a frozen layer whose bias is added on
+        its own, of a patch embedding) is not rebuilt where the rules can do without it:
+        rules of the epsilon family at epsilon 0 take relevance *per unit* of it, and the
+        value cancels exactly (:class:`PerUnit`; ``stats["per_unit_values"]`` counts them).
+        ``True``: the Promise System rebuilds every value the rules read, as in the paper.
+        The two agree up to rounding (and where such a value is exactly 0, where ``R / 0``
+        counts as 0 while per unit it does not).
 
     Calling the engine takes the arguments of :func:`dynlrp.lrp`, ``retain_graph`` included:
     by default a call frees the forward pass's saved tensors as it goes, like
@@ -257,7 +266,8 @@ class LRP:
     max_plans = 8
 
     def __init__(
-        self, rules: Any = None, *, check_finite: bool = True, cache: bool = True, fallback: str | None = None
+        self, rules: Any = None, *, check_finite: bool = True, cache: bool = True, fallback: str | None = None,
+        rebuild_costly: bool = False,
     ) -> None:
         if fallback not in (None, "pass", "gradient"):
             raise ValueError(f"fallback must be None, 'pass' or 'gradient', not {fallback!r}")
@@ -265,6 +275,7 @@ class LRP:
         self.check_finite = check_finite
         self.cache = cache
         self.fallback = fallback
+        self.rebuild_costly = rebuild_costly
         self.stats: dict[str, float] = {}
         self.plans: OrderedDict[tuple, Plan] = OrderedDict()
         self._lock = threading.Lock()  # guards `plans`; calls themselves share no state
@@ -309,6 +320,7 @@ class LRP:
                 resolver = PlannedResolver(graph, outputs, inputs, plan, params)
             else:
                 resolver = PromiseResolver(graph, outputs, inputs, params)
+            resolver.skip_costly = not self.rebuild_costly
             if not (retain_graph or check_each):
                 resolver.release_saved = True
                 resolver.defer(late)
@@ -342,7 +354,8 @@ class LRP:
                       "cached_plan": plan is not None, "replanned": stale}
         if signature is not None and plan is None:
             with self._lock:
-                self.plans[signature] = Plan(signature, entries, rules, resolver.how, dict(found))
+                self.plans[signature] = Plan(signature, entries, rules, resolver.how, dict(found),
+                                             frozenset(resolver.units))
                 while len(self.plans) > self.max_plans:
                     self.plans.popitem(last=False)
         out = tuple(torch.zeros_like(x) if r is None else r.to(x.dtype) for x, r in zip(inputs, result))
@@ -464,12 +477,18 @@ class LRP:
         needs = rule.needs(ctx)
         partial = False
         units: tuple[int, ...] = ()
+        costly = ctx._resolver.costly
         for slot in needs.inputs:
-            try:
-                v = ctx.value_of_input(slot)
-            except UnrecoverableValueError:
-                if slot not in rule.factors(ctx):
-                    raise
+            if costly(gn.inputs[slot]) and slot in rule.factors(ctx):
+                v = None  # not worth rebuilding: per unit, as where it is unknown
+            else:
+                try:
+                    v = ctx.value_of_input(slot)
+                except UnrecoverableValueError:
+                    if slot not in rule.factors(ctx):
+                        raise
+                    v = None
+            if v is None:
                 ctx.assume_unit(slot)
                 units += (slot,)
                 continue
@@ -574,11 +593,13 @@ def _per_unit_in(rule, gn: GNode, entry: ops.OpEntry, graph: Graph, rels: list,
         extras = [None if r is None else r.extra for r in rels]
         return [None if r is None else r.g for r in rels], (None if all(
             x is None for x in extras) else extras), mode
-    try:
-        return [_settled(r, resolver, (gn.index, k)) for k, r in enumerate(rels)], None, None
-    except UnrecoverableValueError:
-        if mode != "divides" or len(rels) != 1:
-            raise
+    divides = mode == "divides" and len(rels) == 1
+    if not (divides and rels[0].extra is None and rule.fused is None and resolver.costly((gn.index, 0))):
+        try:
+            return [_settled(r, resolver, (gn.index, k)) for k, r in enumerate(rels)], None, None
+        except UnrecoverableValueError:
+            if not divides:
+                raise
     return [rels[0].per_unit(resolver, (gn.index, 0))], None, mode
 
 

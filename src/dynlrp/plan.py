@@ -34,6 +34,7 @@ class Plan:
     rules: dict[int, Any]
     how: dict[Edge, tuple]
     stats: dict[str, float]
+    units: frozenset[Edge] = frozenset()  # values the first call left unbuilt (costly)
 
 
 class PlannedResolver(Resolver):
@@ -60,6 +61,11 @@ class PlannedResolver(Resolver):
             return v
         return self._searcher().exact(edge, requester)  # the first call needed only part of it
 
+    def costly(self, edge: Edge) -> bool:
+        if self._search is not None:
+            return self._search.costly(edge)
+        return edge not in self.memo and edge in self.plan.units
+
     def _searcher(self) -> PromiseResolver:
         """A recipe does not apply to this graph (a value now needed in full, an operand no
         longer saved): the Promise System searches from here on, sharing this call's values.
@@ -68,6 +74,7 @@ class PlannedResolver(Resolver):
         if self._search is None:
             search = self._search = PromiseResolver(self.graph, *self._args, self.params)
             search.memo, search.processed = self.memo, self.processed
+            search.units = set(self.plan.units)  # (the same answers to costly as so far)
         return self._search
 
     def _get(self, edge: Edge) -> Value:

@@ -91,6 +91,7 @@ class PromiseResolver(Resolver):
         self._entered: dict[int, set[tuple[int, int]]] = {}
         self._cuts = 0  # walks stopped by the cycle guard: their failures depend on context
         self.how: dict[Edge, tuple] = {e: ("given",) for e in self.memo}  # the plan (4.4.1)
+        self.units: set[Edge] = set()  # values left unbuilt: relevance went per unit (costly)
 
     # -- sources that need no promise -------------------------------------------------
     def direct(self, edge: Edge, recompute: bool = True) -> Value | None:
@@ -153,6 +154,30 @@ class PromiseResolver(Resolver):
             self.memo[edge] = found
             self.how[edge] = ("inverse", tuple(used))
         return found
+
+    def costly(self, edge: Edge) -> bool:
+        if not self.skip_costly or edge in self.memo:
+            return False
+        if edge in self.units:
+            return True
+        if not self._costly(edge, 0):
+            return False
+        self.units.add(edge)
+        return True
+
+    def _costly(self, edge: Edge, depth: int) -> bool:
+        """No free value, and the op that made it (past views and selections, which move values
+        and cost nothing to replay) recomputes (:func:`~dynlrp.values.recomputes`)."""
+        if self.direct(edge, recompute=False) is not None:
+            return False
+        if not recomputes(self.graph, edge):
+            gn = self.graph.nodes[edge[0]]
+            entry = lookup(gn.name)
+            sources = [e for e in gn.inputs if e is not None]
+            if (entry is None or entry.kind != "route" or len(sources) != 1 or depth >= FREE_DEPTH
+                    or not self._costly(sources[0], depth + 1)):
+                return False
+        return self._inverted(edge, keep_partial=True) is None
 
     # -- the promise walk -----------------------------------------------------------------
     def value(self, edge: Edge, requester: int) -> Value:
@@ -331,4 +356,5 @@ class PromiseResolver(Resolver):
             "aggregations": self.aggregations,
             "inversions": self.inversions,
             "promise_trees": sum(1 for p in self.promises if p.parent is not None),
+            "per_unit_values": len(self.units),
         }

@@ -35,6 +35,9 @@ class Resolver:
     #: Free each node's saved tensors once no later request is likely to read them
     #: (``retain_graph=False``; set by the engine): see :meth:`done`.
     release_saved = False
+    #: Leave values unbuilt where they are costly and a rule can do without them (set by the
+    #: engine unless ``rebuild_costly``): see :meth:`costly`.
+    skip_costly = False
 
     def __init__(self, graph: Graph, outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
                  params: Parameters | None = None):
@@ -90,6 +93,13 @@ class Resolver:
         """The forward value of ``edge`` known everywhere if it can be had at any cost (a partial
         value is returned only when nothing better exists)."""
         return self.value(edge, requester)
+
+    def costly(self, edge: Edge) -> bool:
+        """Whether ``edge``'s value would cost recomputing a matrix product or a convolution
+        (nothing saved it, nothing inverts to it from saved values). A rule that can take
+        relevance per unit of that value then does, instead of rebuilding it
+        (:class:`~dynlrp.engine.PerUnit`). Asked again, the answer is the same."""
+        return False
 
     def done(self, i: int) -> None:
         """Node ``i`` was propagated: forget the forward values no later request can need.
