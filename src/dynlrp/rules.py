@@ -108,7 +108,11 @@ def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = Fal
     """``r / stab(z)`` (:func:`stabilize`): relevance per unit of the stabilised denominator, the
     ``s`` of paper Eq. 4. The quotient is written into the denominator's new tensor when the shapes
     and dtypes allow, so it costs one allocation, not two; with ``owned`` (``z`` is the caller's
-    temporary) and ``nonnegative``, into ``z`` itself, so it costs none."""
+    temporary) and ``nonnegative``, into ``z`` itself, so it costs none. With ``eps = 0`` and no
+    zero in ``z`` (a read of ``z``, on the CPU where it costs no device sync), ``r / z`` at once."""
+    if eps == 0 and not nonnegative and z.device.type == "cpu" and compute_dtype(z.dtype) == z.dtype \
+            and int(torch.count_nonzero(z)) == z.numel():  # (faster than z.all() on the CPU)
+        return r / z
     den = stabilize(z, eps, nonnegative, owned)
     if den.shape == r.shape and den.dtype == r.dtype and den.device == r.device:
         return torch.div(r, den, out=den)
@@ -923,7 +927,9 @@ class ValuePathEpsilon(Rule):
         if not kept:
             return [None] * ctx.num_inputs
         grads = ctx.vjp(divide(ctx.relevance, ctx.output, self.eps))
-        return _only_slots(ctx, {i: ctx.input(i) * grads[i] / len(kept) for i in kept})
+        share = 1.0 / len(kept)
+        return _only_slots(ctx, {i: (ctx.input(i) * grads[i]).mul_(share) if share != 1.0
+                                 else ctx.input(i) * grads[i] for i in kept})
 
 
 class ConstantDenominator(Rule):
@@ -953,6 +959,8 @@ class ConstantDenominator(Rule):
         x = ctx.input(0)
         s = divide(ctx.relevance, ctx.output, self.eps)
         affine = ctx.entry.affine(ctx.node, 0) if ctx.entry.affine is not None else None
+        if affine is not None and affine.adjoint is not None:
+            return _only_slots(ctx, {0: affine.adjoint(s, affine.weight.detach()).mul_(x)})
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             try:

@@ -589,6 +589,24 @@ def test_norm_replay_before_frozen_layer(case):
     check_replay(case)
 
 
+@pytest.mark.parametrize("norm", [
+    lambda x: F.layer_norm(x, (5,), torch.randn(5, dtype=torch.float64)),
+    lambda x: F.layer_norm(x, (4, 5)),
+    lambda x: F.group_norm(x, 2, torch.randn(4, dtype=torch.float64)),
+    lambda x: F.group_norm(x, 4),
+], ids=["layer-norm", "layer-norm-2d", "group-norm", "group-norm-per-channel"])
+def test_norm_adjoint_is_autograds_through_the_linear_map(norm):
+    """The closed-form adjoint ConstantDenominator uses equals the vector-Jacobian product of
+    the affine view's linear map, by autograd, in float64."""
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    y = norm(x)
+    view = dynlrp.ops.lookup(y.grad_fn.name()).affine(y.grad_fn, 0)
+    s = torch.randn_like(y)
+    leaf = x.detach().requires_grad_(True)
+    expected, = torch.autograd.grad(view.linear(leaf, view.weight.detach()), leaf, s)
+    torch.testing.assert_close(view.adjoint(s, view.weight.detach()), expected, rtol=1e-12, atol=1e-12)
+
+
 def test_norm_is_the_default_rule_of_attnlrp_and_conserves_without_bias():
     x = randn(*SHAPE)
     y = F.layer_norm(x, (4,), LN_W)

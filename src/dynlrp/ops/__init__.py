@@ -114,6 +114,8 @@ class Affine:
     output (``x @ W``): rules may then run it on the rows that carry relevance only.
     ``owned`` marks a ``weight`` made for this view alone (a folded weight): the rule that asked
     for the view may overwrite it once it needs it no more.
+    ``adjoint(s, weight)``, where the entry knows it in closed form, is the adjoint of
+    ``linear(., weight)``, ``J^T s`` (rules otherwise take it by autograd through ``linear``).
     """
 
     weight: torch.Tensor
@@ -126,6 +128,7 @@ class Affine:
     place_bias: Callable[[torch.Tensor], torch.Tensor] | None = None
     rows: bool = False
     owned: bool = False
+    adjoint: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def fold(first: Affine, channel: Affine) -> Affine:
@@ -145,7 +148,8 @@ def fold(first: Affine, channel: Affine) -> Affine:
         bias = bias if channel.bias is None else bias + channel.bias
     elif known:
         bias = channel.bias
-    return Affine(weight, first.linear, bias, known, None, False, first.params, owned=True)
+    return Affine(weight, first.linear, bias, known, None, False, first.params, owned=True,
+                  adjoint=first.adjoint)
 
 
 @dataclass(frozen=True)

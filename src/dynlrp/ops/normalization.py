@@ -47,6 +47,20 @@ def _ln_linear(node):
     return linear
 
 
+def _ln_adjoint(node):
+    """The adjoint of :func:`_ln_linear`'s map: centring is its own adjoint, so
+    ``J^T s = centre(s * w * rstd)`` (four passes, no autograd)."""
+    dims = tuple(range(-len(saved(node, "normalized_shape")), 0))
+    rstd = saved(node, "result2")
+
+    def adjoint(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        t = s * w.to(s.dtype)
+        t.mul_(rstd.to(s.dtype))
+        return t.sub_(t.mean(dims, keepdim=True))
+
+    return adjoint
+
+
 def _ln_weight(node, xs=None):
     w = _param(node, xs, 1, "weight")
     return torch.ones(tuple(saved(node, "normalized_shape")), dtype=saved(node, "result2").dtype,
@@ -68,7 +82,7 @@ def _ln_affine(node, slot):
         return None
     w, b = _ln_weight(node), _param(node, None, 2, "bias")
     params = tuple(p for p in (_param(node, None, 1, "weight"), b) if p is not None)
-    return Affine(w, _ln_linear(node), b, True, None, False, params)
+    return Affine(w, _ln_linear(node), b, True, None, False, params, adjoint=_ln_adjoint(node))
 
 
 register("NativeLayerNormBackward0", "norm", "bias", forward=_ln_forward, own=_ln_own,
@@ -86,6 +100,19 @@ def _gn_linear(node):
         return g.reshape(x.shape) * w.reshape(1, c, *([1] * (x.dim() - 2)))
 
     return linear
+
+
+def _gn_adjoint(node):
+    """The adjoint of :func:`_gn_linear`'s map: ``J^T s = centre_group(s * w) * rstd``."""
+    n, c, groups = saved(node, "N"), saved(node, "C"), saved(node, "group")
+    rstd = saved(node, "result2")
+
+    def adjoint(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        g = (s * w.to(s.dtype).reshape(1, c, *([1] * (s.dim() - 2)))).reshape(n, groups, -1)
+        g.mul_(rstd.to(s.dtype).unsqueeze(-1))
+        return g.sub_(g.mean(-1, keepdim=True)).reshape(s.shape)
+
+    return adjoint
 
 
 def _gn_weight(node, xs=None):
@@ -130,7 +157,7 @@ def _gn_affine(node, slot):
     if b is not None:
         b = b.reshape(1, -1, *([1] * (len(saved(node, "input").shape) - 2)))
     params = tuple(p for p in (_param(node, None, 1, "weight"), _param(node, None, 2, None)) if p is not None)
-    return Affine(w, _gn_linear(node), b, known, None, False, params)
+    return Affine(w, _gn_linear(node), b, known, None, False, params, adjoint=_gn_adjoint(node))
 
 
 register("NativeGroupNormBackward0", "norm", "bias", forward=_gn_forward, own=_gn_own,
