@@ -58,6 +58,7 @@ class Resolver:
         self._left = [len(r) if (r := gn.reaching) is (g := gn.graph_inputs) or len(r) == len(g) else -1
                       for gn in graph.nodes]
         self._hold: dict[int, set[int]] = {}  # nodes to free: the nodes below still to settle
+        self._waiters: dict[int, list[int]] = {}  # node below -> the held nodes that wait for it
         self._settled = [False] * len(graph.nodes)
         self._invertible: dict[int, bool] = {}
         self._weight: dict[int, int] = {}
@@ -148,28 +149,27 @@ class Resolver:
         node's tensors are freed once it and the nodes :data:`RELEASE_DEPTH` levels below it
         through invertible nodes are settled. A request that still reaches a freed node
         finds no value there and takes the next source (:data:`Graph.freed`)."""
-        hold, settled = self._hold, self._settled
+        hold, settled, waiters = self._hold, self._settled, self._waiters
         settled[i] = True
         if self._worth_freeing(i):
-            below = {y for y in self._reach(i, down=True) if not settled[y]}
+            below = {y for y in self._reach(i) if not settled[y]}
             if below:
                 hold[i] = below
+                for y in below:
+                    waiters.setdefault(y, []).append(i)
             else:
                 self._free_saved(i)
-        if not hold:
-            return
-        for c in self._reach(i, down=False):
-            waits = hold.get(c)
-            if waits is not None and i in waits:
-                waits.discard(i)
-                if not waits:
-                    del hold[c]
-                    self._free_saved(c)
+        for c in waiters.pop(i, ()):
+            waits = hold[c]
+            waits.discard(i)
+            if not waits:
+                del hold[c]
+                self._free_saved(c)
 
-    def _reach(self, i: int, down: bool) -> set[int]:
-        """Nodes below (``down``) or above ``i`` with only invertible nodes in between, at most
-        :data:`RELEASE_DEPTH` of which keep tensors (views and transposes, which keep none,
-        are passed for free); below, only nodes the traversal propagates."""
+    def _reach(self, i: int) -> set[int]:
+        """Nodes below ``i`` that the traversal propagates, with only invertible nodes in
+        between, at most :data:`RELEASE_DEPTH` of which keep tensors (views and transposes,
+        which keep none, are passed for free)."""
         nodes, spent, frontier = self.graph.nodes, {}, deque([(i, 0)])
         while frontier:
             x, used = frontier.popleft()
@@ -177,19 +177,18 @@ class Resolver:
                 if not self._inverts(x):
                     continue
                 used += self._weighs(x)
-            gn = nodes[x]
-            for y in [e[0] for e in gn.inputs if e is not None] if down else [c for c, _ in gn.consumers]:
-                if used < RELEASE_DEPTH and spent.get(y, RELEASE_DEPTH) > used:
+            for e in nodes[x].inputs:
+                if e is not None and used < RELEASE_DEPTH and spent.get(y := e[0], RELEASE_DEPTH) > used:
                     spent[y] = used
                     frontier.append((y, used))
-        return {y for y in spent if nodes[y].reaches} if down else set(spent)
+        return {y for y in spent if nodes[y].reaches}
 
     def _worth_freeing(self, i: int) -> bool:
         """Whether node ``i`` may keep a tensor worth freeing: one of its inputs or outputs holds
         :data:`RELEASE_MIN` elements or more (freeing costs microseconds per tensor; small
-        graphs skip the bookkeeping altogether)."""
+        graphs skip the bookkeeping altogether). A node that keeps no tensor (a view) has none."""
         gn = self.graph.nodes[i]
-        if gn.is_leaf:
+        if gn.is_leaf or not self._weighs(i):
             return False
         nodes = self.graph.nodes
         metas = [nodes[e[0]].meta(e[1]) for e in gn.inputs if e is not None]
