@@ -171,10 +171,11 @@ class RuleContext:
             )
         return self.reaching[0]
 
-    def affine(self) -> ops.Affine:
+    def affine(self, bias: bool = True) -> ops.Affine:
         """The op as ``z = linear(x, weight) + bias`` of :attr:`data_slot`, asked of its op entry.
         With canonization, the batch norm folded into this op is part of the map. Made once per
-        node (folding scales the weight)."""
+        node (folding scales the weight). ``bias=False``: a rule that uses the linear part only
+        (``linear``, ``adjoint``, ``rows``) does not need a frozen bias looked up in the model."""
         if self._affine is not None:
             return self._affine
         view = self.entry.affine(self.node, self.data_slot) if self.entry.affine is not None else None
@@ -183,6 +184,8 @@ class RuleContext:
                 f"{self.gn.name} is not an affine map with a weight (its op entry has no `affine` view "
                 "for this input), so rules that modify weights do not apply; use Epsilon or Norm here"
             )
+        if not bias and self.fused is None:
+            return view
         view = self._with_bias(view)
         self._affine = view if self.fused is None else ops.fold(view, self._fused_affine())
         return self._affine

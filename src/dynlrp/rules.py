@@ -300,8 +300,10 @@ def live_rows(ctx: RuleContext) -> torch.Tensor | None:
     r = ctx.relevance
     if r.dim() != 2 or r.shape[0] < ROWS_MIN or ctx.entry.affine is None or len(ctx.reaching) != 1:
         return None
+    if int(torch.count_nonzero(r)) * ROWS_SPARSE > r.numel():  # more nonzeros than few rows hold
+        return None  # (one quick pass: dense relevance, the usual case, skips the row test)
     live = r.any(1)
-    if int(live.sum()) * ROWS_SPARSE > r.shape[0] or not ctx.affine().rows:
+    if int(live.sum()) * ROWS_SPARSE > r.shape[0] or not ctx.affine(bias=False).rows:
         return None
     return live.nonzero().squeeze(1)
 
@@ -309,13 +311,16 @@ def live_rows(ctx: RuleContext) -> torch.Tensor | None:
 def _epsilon_rows(ctx: RuleContext, rows: torch.Tensor, eps: float) -> torch.Tensor:
     """Paper Eq. 4, ``R_x = x * W^T (R / stab(z))``, on the given rows of ``x @ W``; the other
     rows of ``R`` are zero and get zero."""
-    slot, affine = ctx.data_slot, ctx.affine()
+    slot, affine = ctx.data_slot, ctx.affine(bias=False)
     x = ctx.input(slot)
     s = divide(ctx.relevance.index_select(0, rows), ctx.output.index_select(0, rows), eps)
     x_rows = x.index_select(0, rows)
-    _, adjoint = _linear_with_adjoint(affine, x_rows, affine.weight)
+    if affine.adjoint is not None:
+        back = affine.adjoint(s, affine.weight.detach())
+    else:
+        back = _linear_with_adjoint(affine, x_rows, affine.weight)[1](s)
     out = torch.zeros(x.shape, dtype=s.dtype, device=s.device)
-    return out.index_copy_(0, rows, adjoint(s).mul_(x_rows))
+    return out.index_copy_(0, rows, back.mul_(x_rows))
 
 
 class Proportional(Epsilon):

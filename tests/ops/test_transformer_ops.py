@@ -589,18 +589,25 @@ def test_norm_replay_before_frozen_layer(case):
     check_replay(case)
 
 
-@pytest.mark.parametrize("norm", [
-    lambda x: F.layer_norm(x, (5,), torch.randn(5, dtype=torch.float64)),
-    lambda x: F.layer_norm(x, (4, 5)),
-    lambda x: F.group_norm(x, 2, torch.randn(4, dtype=torch.float64)),
-    lambda x: F.group_norm(x, 4),
-], ids=["layer-norm", "layer-norm-2d", "group-norm", "group-norm-per-channel"])
-def test_norm_adjoint_is_autograds_through_the_linear_map(norm):
-    """The closed-form adjoint ConstantDenominator uses equals the vector-Jacobian product of
-    the affine view's linear map, by autograd, in float64."""
-    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    y = norm(x)
-    view = dynlrp.ops.lookup(y.grad_fn.name()).affine(y.grad_fn, 0)
+_F64 = {"dtype": torch.float64}
+
+
+@pytest.mark.parametrize("op, shape", [
+    (lambda x: F.layer_norm(x, (5,), torch.randn(5, **_F64)), (3, 4, 5)),
+    (lambda x: F.layer_norm(x, (4, 5)), (3, 4, 5)),
+    (lambda x: F.group_norm(x, 2, torch.randn(4, **_F64)), (3, 4, 5)),
+    (lambda x: F.group_norm(x, 4), (3, 4, 5)),
+    (lambda x: x @ torch.randn(5, 3, **_F64), (12, 5)),
+    (lambda x: torch.addmm(torch.randn(3, **_F64), x, torch.randn(5, 3, **_F64), alpha=0.5), (12, 5)),
+], ids=["layer-norm", "layer-norm-2d", "group-norm", "group-norm-per-channel", "mm", "addmm-alpha"])
+def test_adjoint_is_autograds_through_the_linear_map(op, shape):
+    """A closed-form adjoint (ConstantDenominator's, the row-wise epsilon rule's) equals the
+    vector-Jacobian product of the affine view's linear map, by autograd, in float64."""
+    x = torch.randn(*shape, **_F64, requires_grad=True)
+    y = op(x)
+    slot = 1 if y.grad_fn.name() == "AddmmBackward0" else 0
+    view = dynlrp.ops.lookup(y.grad_fn.name()).affine(y.grad_fn, slot)
+    assert view.adjoint is not None
     s = torch.randn_like(y)
     leaf = x.detach().requires_grad_(True)
     expected, = torch.autograd.grad(view.linear(leaf, view.weight.detach()), leaf, s)

@@ -61,13 +61,22 @@ def _scale_columns(w, s):
     return w * s.reshape(1, -1)
 
 
+def _left_adjoint(alpha):
+    """The adjoint of ``x -> alpha * (x @ w)``: ``s -> alpha * (s @ w^T)``, in ``s``'s dtype."""
+    def adjoint(s: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        back = s @ w.to(s.dtype).mT
+        return back if alpha == 1 else back.mul_(alpha)
+
+    return adjoint
+
+
 def _product_affine(w, slot, data_slot, alpha, bias=None, known=True, params=(), place_bias=None):
     # x @ w when the data is the left operand, w @ x when it is the right one.
     if w is None:
         return None
     if slot == data_slot:
         return Affine(w, lambda x, v: alpha * (x @ v), bias, known, _scale_columns, False, (w, *params),
-                      place_bias, rows=w.dim() == 2)
+                      place_bias, rows=w.dim() == 2, adjoint=_left_adjoint(alpha))
     return Affine(w, lambda x, v: alpha * (v @ x), bias, known, None, False, (w, *params), place_bias)
 
 
