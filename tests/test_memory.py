@@ -53,6 +53,19 @@ def test_row_sparse_relevance_is_taken_row_by_row(row_calls, bias):
     assert not r[[i for i in range(96) if i not in (3, 50)]].any()
 
 
+def test_one_row_in_eight_fully_live_is_still_taken_row_by_row(row_calls):
+    """The quick count of nonzeros (which skips the row test for dense relevance) admits the
+    boundary: 12 of 96 rows, every entry nonzero, is 1/8 of the rows."""
+    lin = nn.Linear(16, 300).requires_grad_(False).double()
+    x = torch.randn(96, 16, dtype=torch.float64, requires_grad=True)
+    y = lin(x)
+    seed = torch.zeros_like(y)
+    seed[::8] = torch.rand(12, 300, dtype=torch.float64) + 0.5
+    r, = dynlrp.lrp(y, x, seed, rules={"linear": Epsilon(1e-6)})
+    assert row_calls == [12]
+    assert_close(r, epsilon_reference(x.detach(), lin.weight, lin.bias, seed, 1e-6), rel=1e-10)
+
+
 def test_rows_are_not_split_when_many_carry_relevance(row_calls):
     lin = nn.Linear(8, 5).requires_grad_(False)
     x = torch.randn(80, 8, requires_grad=True)

@@ -269,8 +269,8 @@ class LRP:
     max_plans = 8
 
     def __init__(
-        self, rules: Any = None, *, check_finite: bool = True, cache: bool = True, fallback: str | None = None,
-        rebuild_costly: bool = False,
+        self, rules: Any = None, *, check_finite: bool = True, cache: bool = True,
+        fallback: str | None = None, rebuild_costly: bool = False,
     ) -> None:
         if fallback not in (None, "pass", "gradient"):
             raise ValueError(f"fallback must be None, 'pass' or 'gradient', not {fallback!r}")

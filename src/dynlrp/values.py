@@ -188,12 +188,12 @@ class Resolver:
         :data:`RELEASE_MIN` elements or more (freeing costs microseconds per tensor; small
         graphs skip the bookkeeping altogether). A node that keeps no tensor (a view) has none."""
         gn = self.graph.nodes[i]
-        if gn.is_leaf or not self._weighs(i):
+        if gn.is_leaf:
             return False
         nodes = self.graph.nodes
         metas = [nodes[e[0]].meta(e[1]) for e in gn.inputs if e is not None]
         metas += [gn.meta(k) for k in range(gn.num_outputs)]
-        return any(math.prod(shape) >= RELEASE_MIN for shape, _, _ in metas)
+        return any(math.prod(shape) >= RELEASE_MIN for shape, _, _ in metas) and bool(self._weighs(i))
 
     def _weighs(self, x: int) -> int:
         known = self._weight.get(x)
