@@ -17,7 +17,9 @@ value (:class:`PerUnit`); ops that only move values route ``G`` on; and the rule
 producer, which would compute ``R / z = v * G / v``, uses ``G`` itself. The unknown value
 cancels exactly (Rule.factors, Rule.per_unit); wherever it is known, or at a requested
 input, ``R = v * G`` is formed. A rule that declares neither gets the usual
-:class:`~dynlrp.errors.UnrecoverableValueError`.
+:class:`~dynlrp.errors.UnrecoverableValueError`. Values that could be rebuilt, but only by
+recomputing a matrix product or a convolution, go the same way (:meth:`Resolver.costly
+<dynlrp.values.Resolver.costly>`; ``LRP(rebuild_costly=True)`` rebuilds them instead).
 """
 
 from __future__ import annotations
