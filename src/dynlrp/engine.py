@@ -482,9 +482,9 @@ class LRP:
         needs = rule.needs(ctx)
         partial = False
         units: tuple[int, ...] = ()
-        costly = ctx._resolver.costly
+        costly, inputs = ctx._resolver.costly, gn.inputs
         for slot in needs.inputs:
-            if costly(gn.inputs[slot]) and slot in rule.factors(ctx):
+            if inputs[slot] is not None and costly(inputs[slot]) and slot in rule.factors(ctx):
                 v = None  # not worth rebuilding: per unit, as where it is unknown
             else:
                 try:

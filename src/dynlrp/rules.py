@@ -215,9 +215,9 @@ class Rule:
 
     Two optional declarations let the engine explain past values that nothing can rebuild (a
     sum with a constant autograd never saw: an attention mask, a position table, a frozen
-    bias added on its own). Relevance may then travel *per unit of value*: ``G`` on an edge
-    means ``R = v * G`` for the edge's forward value ``v``, known or not (see
-    :mod:`dynlrp.engine`).
+    bias added on its own), or that only a recomputed matrix product would rebuild.
+    Relevance may then travel *per unit of value*: ``G`` on an edge means ``R = v * G`` for
+    the edge's forward value ``v``, known or not (see :mod:`dynlrp.engine`).
 
     * :meth:`factors`: the inputs whose value enters the rule's result only as a final
       factor, ``R_i = v_i * H_i`` with ``H_i`` independent of ``v_i``. Where ``v_i`` is
