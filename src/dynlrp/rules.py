@@ -276,11 +276,7 @@ class Epsilon(Rule):
         s = divide(ctx.relevance, ctx.output, self.eps)
         grads = ctx.vjp(s)
         share = 1.0 / max(len(ctx.reaching), 1) if ctx.kind != "sum" else 1.0
-        out: list[torch.Tensor | None] = [None] * ctx.num_inputs
-        for i in ctx.reaching:
-            r = ctx.input(i) * grads[i]
-            out[i] = r.mul_(share) if share != 1.0 else r  # (a new tensor: scaled in place)
-        return out
+        return _only_slots(ctx, _inputs_times(ctx, grads, ctx.reaching, share))
 
 
 #: Row-sparse relevance is taken row by row from this many rows on, when at most 1 / ROWS_SPARSE
@@ -450,15 +446,17 @@ def _only(ctx: RuleContext, slot: int, r: torch.Tensor) -> list[torch.Tensor | N
     return out
 
 
-def _split(affine: Affine, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, mixed: bool | None = None):
+def _has_negative(x: torch.Tensor) -> bool:
+    """Whether ``x`` has a negative entry (not after a ReLU): one pass, asked once per node."""
+    return bool(x.numel()) and bool(x.amin() < 0)
+
+
+def _split(affine: Affine, x: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor, mixed: bool):
     """``W_a x+ + W_b x-`` and the adjoints that give back ``x+ * W_a^T s + x- * W_b^T s``.
 
-    The negative half is skipped when ``x`` has no negative entry (after a ReLU): it is 0, and
-    ``x+`` is ``x`` itself. ``wb`` may be a function that makes ``W_b`` (called only when needed).
-    ``mixed`` says whether ``x`` has a negative entry, if the caller knows. Both results are new
-    tensors the caller owns."""
-    if mixed is None:
-        mixed = bool(x.numel()) and bool(x.amin() < 0)
+    ``mixed`` is :func:`_has_negative` of ``x``: without a negative entry (after a ReLU) the
+    negative half is skipped, as it is 0, and ``x+`` is ``x`` itself. ``wb`` may be a function
+    that makes ``W_b`` (called only when needed). Both results are new tensors the caller owns."""
     if not mixed:
         zp, adj_p = _linear_with_adjoint(affine, x, wa)
         return zp, lambda s: adj_p(s).mul_(x)
@@ -511,7 +509,7 @@ class Gamma(Rule):
         w_up, w_dn = w + self.gamma * w.clamp(min=0), w + self.gamma * w.clamp(max=0)
         b = _bias(ctx, affine, x, self.zero_bias)
         b = torch.as_tensor(b, dtype=z.dtype, device=z.device)
-        mixed = bool(x.numel()) and bool(x.amin() < 0)
+        mixed = _has_negative(x)
         z_up, back_up = _split(affine, x, w_up, w_dn, mixed)
         z_dn, back_dn = _split(affine, x, w_dn, w_up, mixed)
         s = ctx.relevance * (z > 0) / stabilize(z_up + b + self.gamma * b.clamp(min=0), self.eps)
@@ -563,7 +561,7 @@ class AlphaBeta(Rule):
         x = ctx.input(slot)
         w = affine.weight.detach()
         bias = _bias(ctx, affine, x, self.zero_bias)  # (before the weight may be overwritten)
-        mixed = bool(x.numel()) and bool(x.amin() < 0)
+        mixed = _has_negative(x)
         # W- is only needed for inputs with negative entries, or beta > 0; otherwise a weight made
         # for this node (a folded batch norm's) becomes W+ in place: no second weight-sized tensor
         if affine.owned and not mixed and self.beta == 0:
@@ -768,6 +766,17 @@ def default_rule(kind: str) -> Rule | None:
 # propagation" (ICML); "paper" = the DynamicLRP paper (Eqs. 6 and 7 restate AttnLRP's rules).
 
 
+def _inputs_times(ctx: RuleContext, grads: Sequence, slots: Sequence[int],
+                  share: float = 1.0) -> dict[int, torch.Tensor]:
+    """``share * v_i * grads[i]`` for each input slot ``i``, the last step of the epsilon family
+    (new tensors, so the share is applied in place)."""
+    out = {}
+    for i in slots:
+        r = ctx.input(i) * grads[i]
+        out[i] = r.mul_(share) if share != 1.0 else r
+    return out
+
+
 def _only_slots(ctx: RuleContext, values: dict[int, torch.Tensor]) -> list[torch.Tensor | None]:
     out: list[torch.Tensor | None] = [None] * ctx.num_inputs
     for slot, r in values.items():
@@ -835,7 +844,7 @@ class SumWithConstants(Rule):
         if ctx.entry.forward is None:
             return Identity()(ctx)
         grads = ctx.vjp(divide(ctx.relevance, ctx.output, self.eps))
-        return _only_slots(ctx, {i: ctx.input(i) * grads[i] for i in ctx.reaching})
+        return _only_slots(ctx, _inputs_times(ctx, grads, ctx.reaching))
 
 
 class StopRelevance(Rule):
@@ -932,9 +941,7 @@ class ValuePathEpsilon(Rule):
         if not kept:
             return [None] * ctx.num_inputs
         grads = ctx.vjp(divide(ctx.relevance, ctx.output, self.eps))
-        share = 1.0 / len(kept)
-        return _only_slots(ctx, {i: (ctx.input(i) * grads[i]).mul_(share) if share != 1.0
-                                 else ctx.input(i) * grads[i] for i in kept})
+        return _only_slots(ctx, _inputs_times(ctx, grads, kept, 1.0 / len(kept)))
 
 
 class ConstantDenominator(Rule):
