@@ -811,13 +811,16 @@ def check_inverse_chain(case: Case) -> None:
     rules = {**(case.rules or {}), **HEAD_RULES}
     (r_h,) = case.reference([h], seed.detach())
     expected = epsilon_mm(u.detach().to(DT), a.to(DT), r_h.reshape(shape[0], -1).to(DT), HEAD_EPS, c.to(DT))
-    # float32 anywhere in the chain: values (and a cast's inverse) are float32-exact only
+    # float32 anywhere in the chain: values (and a cast's inverse) are float32-exact only, and
+    # a relevance that cancels to a small number keeps the rounding of the large terms that
+    # cancelled: tolerated relative to the largest relevance (how the sums round depends on the
+    # CPU's kernels: 1.7e-5 relative at one small entry on an AVX-512 Xeon, none on an EPYC)
     rtol = 1e-9 if {x0.dtype, y.dtype} == {DT} else 1e-5
     with dynlrp.record() as tape:
         y2 = fn(u)
     (recorded,) = run_lrp(y2, [u], seed, rules, tape=tape)
     assert_close(recorded, expected, f"{case.id} after a frozen affine map, recorded mode",
-                 rtol=max(rtol, 1e-6))
+                 rtol=max(rtol, 1e-6), atol=1e-9 if rtol < 1e-6 else rtol * float(expected.abs().max()))
     (promised,) = run_lrp(y, [u], seed, rules)
     assert_close(promised, recorded, f"{case.id} after a frozen affine map: promise != recorded", rtol=rtol)
 
