@@ -9,6 +9,12 @@ chain of residual blocks on a ``(1, 8)`` input, five autograd nodes each::
 (Llama-style linear layers without bias, so promise mode can rebuild every value).
 Target of the issue: dynlrp within 2x of gradient x input.
 
+Besides time, each method's operators are counted (:class:`benchutil.OpCounter`: the
+outermost aten operators of one run, forward and explanation). On tensors this small every
+operator costs about the same, so ``op_ratio`` -- a method's operators over gradient x
+input's, forward included -- is what the method would cost if nothing but its operators
+took time: the floor of any implementation of the same rules, in Python or not.
+
 Run from the repository root::
 
     PYTHONPATH=src python benchmarks/overhead.py [--nodes 2000] [--repeats 9]
@@ -65,7 +71,8 @@ def worker(args: argparse.Namespace) -> dict:
     x = p.x.clone().requires_grad_(True)
     cov = dynlrp.coverage(p.forward(x))
     samples = bu.interleave({n: m.run for n, m in ready.items()}, args.repeats, args.warmup)
-    return {"samples": samples, "autograd_nodes": cov.total_nodes, "uncovered": cov.uncovered,
+    ops = {n: bu.count_ops(m.run) for n, m in ready.items()}
+    return {"samples": samples, "ops": ops, "autograd_nodes": cov.total_nodes, "uncovered": cov.uncovered,
             "stats": ready["dynlrp"].info.get("stats") if "dynlrp" in ready else None,
             "machine": bu.machine()}
 
@@ -75,9 +82,14 @@ def summarise(got: dict) -> dict[str, Any]:
     nodes = got["autograd_nodes"]
     out: dict[str, Any] = {"autograd_nodes": nodes, "stats": got.get("stats"), "methods": {}}
     g_explain = bu.median([s["explain"] for s in grad])
+    ops = got.get("ops", {})
+    g_ops = sum(ops.get("grad", {}).values())
     for name, samples in got["samples"].items():
         explain = bu.median([s["explain"] for s in samples])
+        counted = ops.get(name, {})
         out["methods"][name] = {
+            "ops": counted,
+            "op_ratio": sum(counted.values()) / g_ops if counted and g_ops else None,
             "time_s": bu.median([s["total"] for s in samples]),
             "explain_s": explain,
             "ratio": bu.paired_ratio(samples, grad),
@@ -95,14 +107,17 @@ def markdown(summary: dict, target: float) -> str:
     lines = [f"Graph: {summary['autograd_nodes']} autograd nodes of `(1, 8)` tensors. "
              "Ratios are medians of per-round ratios to gradient x input.", "",
              "| method | forward + explain | × grad | explain only | × autograd.grad | µs / node "
-             f"| extra µs / node | within {target:g}× |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| extra µs / node | within {target:g}× | aten ops (forward + explain) | op-count floor |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in summary["methods"].items():
         ok = "" if name == "grad" else ("yes" if (m["explain_ratio"] or 1e9) <= target else "no")
+        counted = m.get("ops") or {}
+        ops = f"{counted.get('forward', 0)} + {counted.get('explain', 0)}" if counted else "–"
+        floor = f"{m['op_ratio']:.2f}×" if m.get("op_ratio") else "–"
         lines.append(
             f"| {M.LABELS[name]} | {m['time_s'] * 1e3:.1f} ms | {m['ratio']:.2f}× | "
             f"{m['explain_s'] * 1e3:.1f} ms | {m['explain_ratio']:.2f}× | {m['explain_us_per_node']:.1f} "
-            f"| {m['extra_us_per_node']:.1f} | {ok} |")
+            f"| {m['extra_us_per_node']:.1f} | {ok} | {ops} | {floor} |")
     return "\n".join(lines) + "\n"
 
 

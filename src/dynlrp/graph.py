@@ -18,9 +18,11 @@ import torch
 
 from .dtypes import compute_dtype
 from .errors import GraphError
+from .ops import OpEntry, lookup
 from .saved import decode_metas, node_facts, node_name
 
 Edge = tuple[int, int]  # (node index, output index)
+_UNSET = object()
 
 
 class GNode:
@@ -28,12 +30,12 @@ class GNode:
 
     Besides the structure, a node caches facts the traversal asks for at every visit:
     ``is_leaf``, ``num_inputs``, ``graph_inputs`` (input slots with an edge), ``reaching``
-    (those whose child leads to a requested input; set by :func:`build`), its outputs'
-    metadata (:meth:`meta`) and its reaching input edges with the dtype relevance is carried
-    in there (:meth:`relevance_edges`)."""
+    (those whose child leads to a requested input; set by :func:`build`), its op entry
+    (:attr:`entry`), its outputs' metadata (:meth:`meta`) and its reaching input edges with
+    the dtype relevance is carried in there (:meth:`relevance_edges`)."""
 
     __slots__ = ("fn", "name", "index", "inputs", "consumers", "reaches", "is_leaf", "num_outputs",
-                 "num_inputs", "graph_inputs", "reaching", "_raw", "_meta", "_edges")
+                 "num_inputs", "graph_inputs", "reaching", "_raw", "_meta", "_edges", "_entry")
 
     def __init__(self, fn: Any, name: str, index: int, is_leaf: bool = False, outputs: int = 1,
                  raw: tuple | None = None) -> None:
@@ -51,6 +53,16 @@ class GNode:
         self._raw = raw  # the node's output metadata as autograd keeps it (decoded on demand)
         self._meta: list | None = None
         self._edges: tuple | None = None
+        self._entry: Any = _UNSET
+
+    @property
+    def entry(self) -> OpEntry | None:
+        """The registered op entry of this node's type (:func:`dynlrp.ops.lookup`), looked up
+        once: the resolvers ask for it at every value request."""
+        entry = self._entry
+        if entry is _UNSET:
+            entry = self._entry = lookup(self.name)
+        return entry
 
     def meta(self, k: int = 0) -> tuple[torch.Size, torch.dtype, torch.device]:
         """Shape, dtype and device of forward output ``k`` (read once, then cached)."""

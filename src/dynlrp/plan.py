@@ -15,10 +15,10 @@ from typing import Any
 
 from .errors import GraphFreedError, UnrecoverableValueError
 from .graph import Edge
-from .ops import MissingOperand, Value, lookup
+from .ops import MissingOperand, Value
 from .promise import PromiseResolver
 from .saved import leaf_variable
-from .values import Resolver, merge, replay, tap_value
+from .values import Resolver, _fresh, merge, replay, tap_value
 
 
 class PlanMismatch(Exception):
@@ -97,20 +97,20 @@ class PlannedResolver(Resolver):
                 if v.mask is not None:
                     raise PlanMismatch("a replay needs an exact value")
                 xs.append(v.tensor)
-            out = replay(lookup(gn.name), gn.fn, xs, self.params)
+            out = replay(gn.entry, gn.fn, xs, self.params)
             i = gn.index
             if isinstance(out, (tuple, list)):
                 for j, o in enumerate(out):
                     if (i, j) not in memo:
-                        memo[(i, j)] = Value(o.detach())
+                        memo[(i, j)] = Value(_fresh(o))
                 return memo[edge]
             if (i, 0) not in memo:
-                memo[(i, 0)] = Value(out.detach())
+                memo[(i, 0)] = Value(_fresh(out))
             return memo[edge]
         if kind == "leaf":
             value = Value(leaf_variable(gn.fn).detach())
         elif kind == "own":
-            own = lookup(gn.name).own(gn.fn)
+            own = gn.entry.own(gn.fn)
             if own is None:
                 raise PlanMismatch(f"{gn.name} no longer rebuilds its output")
             value = Value(own.detach())
@@ -125,7 +125,7 @@ class PlannedResolver(Resolver):
                 cn = self.graph.nodes[consumer]
                 out = self._get((consumer, 0))
                 xs = [None if (e is None or s == slot) else self._exact(e) for s, e in enumerate(cn.inputs)]
-                got = lookup(cn.name).inverse(cn.fn, out, xs).get(slot)
+                got = cn.entry.inverse(cn.fn, out, xs).get(slot)
                 if got is None:
                     raise PlanMismatch(f"{cn.name} could not be inverted")
                 value = merge(value, got)

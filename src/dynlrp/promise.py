@@ -44,7 +44,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, invert_by_consumers, recomputes, replay, saved_value
+from .values import Resolver, _fresh, invert_by_consumers, recomputes, replay, saved_value
 
 #: How many consumer levels an inversion from free values may climb (view, transpose, ...).
 FREE_DEPTH = 12
@@ -102,7 +102,8 @@ class PromiseResolver(Resolver):
         known = self.memo.get(edge)
         if (known is not None and known.exact) or edge in self._not_direct:
             return known
-        var = leaf_variable(self.graph.nodes[edge[0]].fn)
+        gn = self.graph.nodes[edge[0]]
+        var = leaf_variable(gn.fn) if gn.is_leaf else None
         value, how = (var.detach(), ("leaf",)) if var is not None else saved_value(self.graph, edge, False)
         if value is None and recomputes(self.graph, edge):
             if not recompute:
@@ -172,7 +173,7 @@ class PromiseResolver(Resolver):
             return False
         if not recomputes(self.graph, edge):
             gn = self.graph.nodes[edge[0]]
-            entry = lookup(gn.name)
+            entry = gn.entry
             sources = [e for e in gn.inputs if e is not None]
             if (entry is None or entry.kind != "route" or len(sources) != 1 or depth >= FREE_DEPTH
                     or not self._costly(sources[0], depth + 1)):
@@ -271,7 +272,7 @@ class PromiseResolver(Resolver):
         return entered
 
     def _replay(self, branch: PromiseBranch, gn, k: int) -> Value | None:
-        entry = lookup(gn.name)
+        entry = gn.entry
         if entry is None or entry.forward is None:
             return None
         found = [None if e is None else self.direct(e) for e in gn.inputs]  # asked once per input
@@ -303,7 +304,7 @@ class PromiseResolver(Resolver):
         for j, o in enumerate(outs):
             known = memo.get((i, j))
             if known is None or not known.exact:
-                memo[(i, j)] = Value(o.detach())
+                memo[(i, j)] = Value(_fresh(o))
                 how[(i, j)] = _REPLAY
         self.replayed.add(i)
         return memo.get((i, k))

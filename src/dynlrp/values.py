@@ -15,7 +15,7 @@ import torch
 
 from .errors import GraphFreedError
 from .graph import Edge, Graph
-from .ops import MissingOperand, Value, lookup
+from .ops import MissingOperand, Value
 from .saved import release, saves_tensors, view_base
 
 #: How many levels below a node the inversions that read its saved tensors are awaited
@@ -60,6 +60,7 @@ class Resolver:
         self._hold: dict[int, set[int]] = {}  # nodes to free: the nodes below still to settle
         self._waiters: dict[int, list[int]] = {}  # node below -> the held nodes that wait for it
         self._settled = [False] * len(graph.nodes)
+        self._large: list[bool | None] = [None] * len(graph.nodes)  # see _big
         self._invertible: dict[int, bool] = {}
         self._weight: dict[int, int] = {}
         self._late: dict[int, int] = {}  # see defer
@@ -70,7 +71,7 @@ class Resolver:
         output's node is that view (its forward, run on ``base``, gives ``y`` itself -- the same
         memory, shape and strides), ``base`` is the node's input, known for free."""
         gn = self.graph.nodes[edge[0]]
-        entry = lookup(gn.name)
+        entry = gn.entry
         if entry is None or entry.forward is None or len(gn.inputs) != 1 or gn.inputs[0] is None:
             return
         source = gn.inputs[0]
@@ -190,10 +191,18 @@ class Resolver:
         gn = self.graph.nodes[i]
         if gn.is_leaf:
             return False
-        nodes = self.graph.nodes
-        metas = [nodes[e[0]].meta(e[1]) for e in gn.inputs if e is not None]
-        metas += [gn.meta(k) for k in range(gn.num_outputs)]
-        return any(math.prod(shape) >= RELEASE_MIN for shape, _, _ in metas) and bool(self._weighs(i))
+        big = self._big
+        return (big(i) or any(e is not None and big(e[0]) for e in gn.inputs)) and bool(self._weighs(i))
+
+    def _big(self, i: int) -> bool:
+        """Whether an output of node ``i`` holds :data:`RELEASE_MIN` elements or more (asked
+        once per node: every consumer of ``i`` asks again)."""
+        known = self._large[i]
+        if known is None:
+            gn = self.graph.nodes[i]
+            known = self._large[i] = any(math.prod(gn.meta(k)[0]) >= RELEASE_MIN
+                                         for k in range(gn.num_outputs))
+        return known
 
     def _weighs(self, x: int) -> int:
         known = self._weight.get(x)
@@ -204,7 +213,7 @@ class Resolver:
     def _inverts(self, x: int) -> bool:
         known = self._invertible.get(x)
         if known is None:
-            entry = lookup(self.graph.nodes[x].name)
+            entry = self.graph.nodes[x].entry
             known = self._invertible[x] = entry is not None and entry.inverse is not None
         return known
 
@@ -250,7 +259,7 @@ def invert_by_consumers(graph: Graph, edge: Edge, output_of, operand_of) -> tupl
     nodes = graph.nodes
     for consumer, slot in nodes[edge[0]].consumers:
         cn = nodes[consumer]
-        entry = lookup(cn.name)
+        entry = cn.entry
         if entry is None or entry.inverse is None or cn.inputs[slot] != edge:
             continue
         out = output_of((consumer, 0), edge)
@@ -288,7 +297,7 @@ def saved_value(graph: Graph, edge: Edge, recompute: bool = True) -> tuple[torch
         value = tap_value(graph, consumer, slot)
         if value is not None:
             return value, ("tap", consumer, slot)
-    entry = lookup(gn.name)
+    entry = gn.entry
     if entry is None or edge[1] != 0 or (entry.own_recomputes and not recompute) or graph.freed[edge[0]]:
         return None, None
     own = entry.own(gn.fn)
@@ -297,14 +306,14 @@ def saved_value(graph: Graph, edge: Edge, recompute: bool = True) -> tuple[torch
 
 def recomputes(graph: Graph, edge: Edge) -> bool:
     """Whether the only saved source of ``edge`` may be an ``own`` that recomputes its op."""
-    entry = lookup(graph.nodes[edge[0]].name)
+    entry = graph.nodes[edge[0]].entry
     return entry is not None and entry.own_recomputes and edge[1] == 0
 
 
 def tap_value(graph: Graph, consumer: int, slot: int) -> torch.Tensor | None:
     """The value of input ``slot`` of node ``consumer`` if that node saved it, else None."""
     cn = graph.nodes[consumer]
-    entry = lookup(cn.name)
+    entry = cn.entry
     if entry is None or graph.freed[consumer]:
         return None
     value = entry.taps(cn.fn).get(slot)
@@ -386,6 +395,12 @@ def _row_block(view: torch.Tensor, weight: torch.Tensor) -> slice | None:
             start = offset // step
             return slice(start, start + candidate.shape[0])
     return None
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A replay's output as a forward value: replays run without grad, so their outputs are
+    already outside any graph and need no ``detach`` (which costs a new tensor each)."""
+    return t.detach() if t.requires_grad else t
 
 
 def replay(entry, node, xs: list, params: Parameters | None):
