@@ -11,7 +11,8 @@ process that runs every method interleaved (median of ``--repeats`` rounds after
 each method's ratio to gradient x input is the median of per-round ratios). LxT patches
 library modules process-wide, so it runs in a process of its own, kept alive and run in
 alternation with gradient x input in another (:class:`benchutil.Server`). Extra peak memory
-is measured in a fresh process per method (see :mod:`benchutil`). dynlrp uses the rules of
+is measured in a fresh process per method (see :mod:`benchutil`), twice: resident, and live
+(without the allocator's slack: :data:`benchutil.LIVE_ENV`). dynlrp uses the rules of
 the method it is compared with (``--rules matched``: Zennit's EpsilonPlus on the CNNs, LxT's
 AttnLRP on BERT and Llama, CP-LRP on ViT) or its defaults (``--rules default``), and is
 given the model (``model=``) where its engine accepts it. Results go to
@@ -165,14 +166,17 @@ def measure(args: argparse.Namespace, model: str, batch: int, cfg: dict) -> dict
         for name, entry in row["methods"].items():
             if "error" in entry or (only is not None and name not in only):
                 continue
-            mem = bu.run_worker(SCRIPT, ["--worker", "mem", *_worker_args(args, model, batch, cfg,
-                                                                         method=name)])
+            worker = ["--worker", "mem", *_worker_args(args, model, batch, cfg, method=name)]
+            mem = bu.run_worker(SCRIPT, worker)
             entry["extra_peak_mib"] = mem.get("extra_mib")
             entry["memory_error"] = mem.get("error")
-        gmem = row["methods"].get("grad", {}).get("extra_peak_mib")
-        for entry in row["methods"].values():
-            mem = entry.get("extra_peak_mib")
-            entry["memory_ratio"] = (mem / gmem) if mem is not None and gmem else None
+            if args.live_memory:  # the same without the allocator's slack (benchutil.LIVE_ENV)
+                entry["live_peak_mib"] = bu.run_worker(SCRIPT, worker, env=bu.LIVE_ENV).get("extra_mib")
+        for key, ratio in (("extra_peak_mib", "memory_ratio"), ("live_peak_mib", "live_memory_ratio")):
+            gmem = row["methods"].get("grad", {}).get(key)
+            for entry in row["methods"].values():
+                mem = entry.get(key)
+                entry[ratio] = (mem / gmem) if mem is not None and gmem else None
     row["wall_s"] = time.perf_counter() - t0
     return row
 
@@ -271,6 +275,28 @@ def markdown(result: dict) -> str:
                 used[row["label"]] = info["rules"] + (" (model passed)" if info.get("model_passed") else "")
     lines += ["", "dynlrp rules: " + "; ".join(f"{k}: {v}" for k, v in used.items()) + "."]
     lines += ["", *notes.lines()]
+    if any(m.get("live_peak_mib") is not None for row in rows for m in row.get("methods", {}).values()):
+        lines += [
+            "",
+            "Extra peak **live** memory, as a multiple of gradient x input's: the same measurement",
+            "with glibc's mmap threshold fixed at 64 KiB (`benchutil.LIVE_ENV`), so that resident",
+            "memory follows the bytes the run holds, without the allocator's slack.",
+            "",
+            "| model | batch | gradient x input | "
+            + " | ".join(M.LABELS[n] for n in names if n != "grad") + " |",
+            "|---|---|---|" + "---|" * (len(names) - 1),
+        ]
+        for row in rows:
+            if "error" in row:
+                continue
+            g = row["methods"].get("grad", {}).get("live_peak_mib")
+            cells = []
+            for n in names:
+                ratio = row["methods"].get(n, {}).get("live_memory_ratio")
+                if n != "grad":
+                    cells.append("–" if ratio is None else f"{ratio:.2f}×")
+            base = "?" if g is None else f"{g:.0f} MiB"
+            lines.append(f"| {row['label']} | {row['batch']} | {base} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Explanation only (the forward pass excluded): the `lrp` call as a multiple of the",
@@ -332,6 +358,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                     help="dynlrp rules: the compared method's (EpsilonPlus, AttnLRP, CP-LRP) or the defaults")
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip memory processes")
     ap.add_argument("--memory-methods", help="measure memory of these methods only (comma-separated)")
+    ap.add_argument("--no-live-memory", dest="live_memory", action="store_false",
+                    help="skip the second memory process per method (live memory, no allocator slack)")
     ap.add_argument("--out", type=Path, default=bu.RESULTS, help="directory for latest.json / .md")
     ap.add_argument("--src", type=Path, help="dynlrp source tree to measure (default: src/)")
     ap.add_argument("--render", type=Path, help="only print the Markdown of an existing latest.json")
@@ -370,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "settings": {"profile": profile, **cfg, "models": models, "methods": args.methods,
-                     "attn": args.attn, "rules": args.rules, "memory": args.memory},
+                     "attn": args.attn, "rules": args.rules, "memory": args.memory,
+                     "live_memory": args.live_memory},
         "machine": bu.machine(),
         "rows": [],
     }

@@ -55,6 +55,8 @@ def test_compare_tiny(tmp_path):
     assert set(methods) == {"grad", "dynlrp", "dynlrp_recorded", "dynlrp_cached", "zennit", "captum"}
     assert methods["grad"]["ratio"] == pytest.approx(1.0)
     assert methods["grad"]["extra_peak_mib"] is not None
+    assert methods["grad"]["live_peak_mib"] is not None  # the second, slack-free measurement
+    assert "Extra peak **live** memory" in out
     assert all(_ran_or_reported(m) for m in methods.values()), methods
     if "error" not in methods["dynlrp"]:  # the paper's Table 4 numbers come from engine.stats
         assert methods["dynlrp"]["info"]["stats"]["nodes"] > 0
