@@ -21,6 +21,7 @@ Zennit 0.5.1 (Anders et al. 2021), valid for inputs and weights of either sign.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -108,11 +109,16 @@ def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = Fal
     """``r / stab(z)`` (:func:`stabilize`): relevance per unit of the stabilised denominator, the
     ``s`` of paper Eq. 4. The quotient is written into the denominator's new tensor when the shapes
     and dtypes allow, so it costs one allocation, not two; with ``owned`` (``z`` is the caller's
-    temporary) and ``nonnegative``, into ``z`` itself, so it costs none. With ``eps = 0`` and no
-    zero in ``z`` (a read of ``z``, on the CPU where it costs no device sync), ``r / z`` at once."""
-    if eps == 0 and not nonnegative and z.device.type == "cpu" and compute_dtype(z.dtype) == z.dtype \
-            and int(torch.count_nonzero(z)) == z.numel():  # (faster than z.all() on the CPU)
-        return r / z
+    temporary) and ``nonnegative``, into ``z`` itself, so it costs none. With ``eps = 0``, on the CPU
+    (where reading a number back costs no device sync), ``r / z`` at once when ``z`` has no zero:
+    ``r / 0`` is infinite or NaN, so a finite sum of the quotients says so (a sum is one fast pass,
+    about a fifth of the quotient's time and a seventh of a count of zeros; a sum that is not
+    finite for any other reason only takes the general path, which gives the same numbers)."""
+    if eps == 0 and not nonnegative and z.device.type == "cpu" and compute_dtype(z.dtype) == z.dtype:
+        quotient = r / z
+        if math.isfinite(quotient.sum()):
+            return quotient
+        del quotient
     den = stabilize(z, eps, nonnegative, owned)
     if den.shape == r.shape and den.dtype == r.dtype and den.device == r.device:
         return torch.div(r, den, out=den)
@@ -294,12 +300,14 @@ def live_rows(ctx: RuleContext) -> torch.Tensor | None:
     the same relevance for a fraction of the time and memory (the head of a 32,000-token
     vocabulary: one row of 32,000 instead of 128)."""
     r = ctx.relevance
-    if r.dim() != 2 or r.shape[0] < ROWS_MIN or ctx.entry.affine is None or len(ctx.reaching) != 1:
+    rows = r.shape[0] if r.dim() == 2 else 0
+    if rows < ROWS_MIN or ctx.entry.affine is None or len(ctx.reaching) != 1:
         return None
-    if int(torch.count_nonzero(r)) * ROWS_SPARSE > r.numel():  # more nonzeros than few rows hold
-        return None  # (one quick pass: dense relevance, the usual case, skips the row test)
-    live = r.any(1)
-    if int(live.sum()) * ROWS_SPARSE > r.shape[0] or not ctx.affine(bias=False).rows:
+    top = r.amax(1)  # a row whose largest entry is not 0 is live: a lower bound on the live rows,
+    if int(torch.count_nonzero(top)) * ROWS_SPARSE > rows:  # in one quick pass (dense relevance,
+        return None  # the usual case, skips the row test; a count of nonzeros takes 4x as long)
+    live = (top != 0) | (r.amin(1) != 0)  # exactly the rows that are not all zero
+    if int(live.sum()) * ROWS_SPARSE > rows or not ctx.affine(bias=False).rows:
         return None
     return live.nonzero().squeeze(1)
 
