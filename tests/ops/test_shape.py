@@ -201,3 +201,53 @@ def test_contracts_and_kinds():
 
 
 COVERED = covered(CASES)
+
+
+def _placed(x: torch.Tensor, select, known: torch.Tensor | None = None, shift: float = 0.0
+            ) -> dynlrp.ops.Value:
+    """The inverse of ``select`` (a selection of ``x``) from its output (plus ``shift``, to tell
+    parts apart), as the Promise System asks for it: ``x`` known where the selection read it."""
+    y = select(x)
+    out = y.detach() + shift
+    value = dynlrp.ops.Value(out, None if known is None else known)
+    return dynlrp.ops.lookup(y.grad_fn.name()).inverse(y.grad_fn, value, [None])[0]
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1)])
+def test_selected_parts_merge_into_the_whole(order):
+    """The query, key and value read back from a fused projection (three selections) rebuild
+    it; the parts are copied into one tensor (values.merge's placed path), with the numbers and
+    the mask of the general merge."""
+    from dynlrp.values import merge
+
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    found = None
+    for i in order:
+        found = merge(found, _placed(x, lambda t, i=i: t.select(0, i)))
+    assert found.exact and torch.equal(found.tensor, x.detach())
+    # two parts only: known there, and the same as merging without placement
+    a, b = _placed(x, lambda t: t.select(0, 0)), _placed(x, lambda t: t[1:2])
+    fast = merge(a, b)
+    plain = merge(dynlrp.ops.Value(a.tensor.clone(), a.mask.clone()), dynlrp.ops.Value(b.tensor, b.mask))
+    assert not fast.exact and torch.equal(fast.mask, plain.mask)
+    assert torch.equal(fast.tensor[fast.mask], plain.tensor[plain.mask])
+
+
+def test_a_partial_part_and_an_overlap_merge_like_the_general_merge():
+    """A part known only in part (behind a ReLU) adds only what it knows, and where two parts
+    overlap the value known first is kept, as in the general merge."""
+    from dynlrp.values import merge
+
+    x = torch.randn(3, 4, requires_grad=True)
+    half = torch.tensor([True, False, True, False])
+    first = _placed(x, lambda t: t[0:2])
+    second = _placed(x, lambda t: t.select(0, 2), known=half)
+    overlap = _placed(x, lambda t: t.select(0, 1), shift=1.0)  # (other numbers: which are kept?)
+    plain = merge(dynlrp.ops.Value(first.tensor.clone(), first.mask.clone()),
+                  dynlrp.ops.Value(second.tensor, second.mask))
+    plain = merge(plain, dynlrp.ops.Value(overlap.tensor, overlap.mask))
+    fast = merge(merge(first, second), overlap)
+    assert torch.equal(fast.mask, plain.mask) and not fast.exact
+    assert torch.equal(fast.mask[2], half)
+    assert torch.equal(fast.tensor[fast.mask], plain.tensor[plain.mask])
+    assert torch.equal(fast.tensor[1], x.detach()[1])

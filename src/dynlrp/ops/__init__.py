@@ -68,14 +68,23 @@ class MissingOperand(Exception):
 class Value:
     """A forward value, known everywhere or only where ``mask`` is true. Treat it as immutable.
 
+    Two fields serve :func:`dynlrp.values.merge` only: ``owned`` says that ``tensor`` and ``mask``
+    are new tensors nobody else holds, which a merge may fill in (the value is then used up);
+    ``place = (view, part, part_mask)`` says that the value is ``part`` (known where ``part_mask``
+    is, everywhere if None) placed where ``view(t)`` lies in a tensor ``t`` of the value's shape,
+    and nothing else (a selection's inverse), so a merge copies only that region.
+
     (A slotted class rather than a frozen dataclass: one is made per forward value, and a
     frozen dataclass costs three times as much to make.)"""
 
-    __slots__ = ("tensor", "mask")
+    __slots__ = ("tensor", "mask", "owned", "place")
 
-    def __init__(self, tensor: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def __init__(self, tensor: torch.Tensor, mask: torch.Tensor | None = None, owned: bool = False,
+                 place: tuple | None = None) -> None:
         self.tensor = tensor
         self.mask = mask
+        self.owned = owned
+        self.place = place
 
     @property
     def exact(self) -> bool:
@@ -83,6 +92,46 @@ class Value:
 
     def __repr__(self) -> str:
         return f"Value(tensor={self.tensor!r}, mask={self.mask!r})"
+
+
+class PlacedValue(Value):
+    """A selection's inverse: ``part`` (known where ``part_mask`` is, everywhere if None) placed
+    where ``view(t)`` lies in a tensor ``t`` of shape ``size``, known nowhere else.
+
+    The full-size tensor and mask are made on first use: :func:`dynlrp.values.merge` copies the
+    part alone into the tensor it gathers parts in, so the query, key and value read back from a
+    fused projection make one tensor of the projection's size, not three."""
+
+    __slots__ = ("_shape", "_full")
+
+    def __init__(self, size: torch.Size, view: Callable[[torch.Tensor], torch.Tensor], part: torch.Tensor,
+                 part_mask: torch.Tensor | None = None) -> None:
+        self.owned = True
+        self.place = (view, part, part_mask)
+        self._shape = size
+        self._full: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _made(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._full is None:
+            view, part, part_mask = self.place
+            tensor = part.new_zeros(self._shape)
+            mask = torch.zeros(self._shape, dtype=torch.bool, device=part.device)
+            view(tensor).copy_(part)
+            view(mask).copy_(True if part_mask is None else part_mask)
+            self._full = (tensor, mask)
+        return self._full
+
+    @property
+    def tensor(self) -> torch.Tensor:  # type: ignore[override]
+        return self._made()[0]
+
+    @property
+    def mask(self) -> torch.Tensor:  # type: ignore[override]
+        return self._made()[1]
+
+    @property
+    def exact(self) -> bool:
+        return False  # (known on the part only, even when the part is all of it: as a mask says)
 
 
 def _none(*_: Any) -> None:

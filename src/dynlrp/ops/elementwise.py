@@ -24,7 +24,7 @@ def _identity_forward(node, xs):
 
 
 def _identity_inverse(node, out, xs):
-    return {0: out}
+    return {0: Value(out.tensor, out.mask)}  # (a Value of its own: values.merge may fill an owned one in)
 
 
 def _relu_inverse(node, out, xs):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..saved import saved, saved_dim
-from . import MissingOperand, Value, register
+from . import MissingOperand, PlacedValue, Value, register
 from .common import out_shape
 
 
@@ -80,12 +80,7 @@ def _placed_inverse(select):
     Consumers that select different parts of one tensor together rebuild all of it."""
 
     def inverse(node, out, xs):
-        shape = _in_shape(node)
-        tensor = out.tensor.new_zeros(shape)
-        mask = torch.zeros(shape, dtype=torch.bool, device=out.tensor.device)
-        select(node, tensor).copy_(out.tensor)
-        select(node, mask).copy_(True if out.mask is None else out.mask)
-        return {0: Value(tensor, mask)}
+        return {0: PlacedValue(_in_shape(node), lambda t: select(node, t), out.tensor, out.mask)}
 
     return inverse
 
