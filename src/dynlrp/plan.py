@@ -18,7 +18,7 @@ from .graph import Edge
 from .ops import MissingOperand, Value
 from .promise import PromiseResolver
 from .saved import leaf_variable
-from .values import Resolver, _fresh, merge, replay, tap_value
+from .values import Resolver, merge, replay, replay_output, tap_value
 
 
 class PlanMismatch(Exception):
@@ -102,10 +102,10 @@ class PlannedResolver(Resolver):
             if isinstance(out, (tuple, list)):
                 for j, o in enumerate(out):
                     if (i, j) not in memo:
-                        memo[(i, j)] = Value(_fresh(o))
+                        memo[(i, j)] = Value(replay_output(o))
                 return memo[edge]
             if (i, 0) not in memo:
-                memo[(i, 0)] = Value(_fresh(out))
+                memo[(i, 0)] = Value(replay_output(out))
             return memo[edge]
         if kind == "leaf":
             value = Value(leaf_variable(gn.fn).detach())

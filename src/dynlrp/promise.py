@@ -44,7 +44,7 @@ from .errors import UnrecoverableValueError
 from .graph import Edge
 from .ops import MissingOperand, Value, lookup
 from .saved import leaf_variable
-from .values import Resolver, _fresh, invert_by_consumers, recomputes, replay, saved_value
+from .values import Resolver, invert_by_consumers, recomputes, replay, replay_output, saved_value
 
 #: How many consumer levels an inversion from free values may climb (view, transpose, ...).
 FREE_DEPTH = 12
@@ -304,7 +304,7 @@ class PromiseResolver(Resolver):
         for j, o in enumerate(outs):
             known = memo.get((i, j))
             if known is None or not known.exact:
-                memo[(i, j)] = Value(_fresh(o))
+                memo[(i, j)] = Value(replay_output(o))
                 how[(i, j)] = _REPLAY
         self.replayed.add(i)
         return memo.get((i, k))

@@ -419,7 +419,7 @@ def _row_block(view: torch.Tensor, weight: torch.Tensor) -> slice | None:
     return None
 
 
-def _fresh(t: torch.Tensor) -> torch.Tensor:
+def replay_output(t: torch.Tensor) -> torch.Tensor:
     """A replay's output as a forward value: replays run without grad, so their outputs are
     already outside any graph and need no ``detach`` (which costs a new tensor each)."""
     return t.detach() if t.requires_grad else t
