@@ -244,14 +244,14 @@ def markdown(result: dict) -> str:
     rows = result["rows"]
     notes = _Notes()
     names = [m for m in list(METHODS) + ["lxt"] if m in result["settings"]["methods"]]
+    header = ["| model | batch | gradient x input | " + " | ".join(M.LABELS[n] for n in names if n != "grad")
+              + " |", "|---|---|---|" + "---|" * (len(names) - 1)]
     lines = [
         "Each cell: **time / extra peak memory, as multiples of gradient x input** on the same",
         "model and batch (time: forward + explanation, median of per-round ratios; memory: extra",
         "peak RSS of one forward + explanation in a fresh process). Baseline column: absolute.",
         "",
-        "| model | batch | gradient x input | "
-        + " | ".join(M.LABELS[n] for n in names if n != "grad") + " |",
-        "|---|---|---|" + "---|" * (len(names) - 1),
+        *header,
     ]
     for row in rows:
         g = row["methods"].get("grad", {})
@@ -282,19 +282,14 @@ def markdown(result: dict) -> str:
             "with glibc's mmap threshold fixed at 64 KiB (`benchutil.LIVE_ENV`), so that resident",
             "memory follows the bytes the run holds, without the allocator's slack.",
             "",
-            "| model | batch | gradient x input | "
-            + " | ".join(M.LABELS[n] for n in names if n != "grad") + " |",
-            "|---|---|---|" + "---|" * (len(names) - 1),
+            *header,
         ]
         for row in rows:
             if "error" in row:
                 continue
             g = row["methods"].get("grad", {}).get("live_peak_mib")
-            cells = []
-            for n in names:
-                ratio = row["methods"].get(n, {}).get("live_memory_ratio")
-                if n != "grad":
-                    cells.append("–" if ratio is None else f"{ratio:.2f}×")
+            ratios = [row["methods"].get(n, {}).get("live_memory_ratio") for n in names if n != "grad"]
+            cells = ["–" if ratio is None else f"{ratio:.2f}×" for ratio in ratios]
             base = "?" if g is None else f"{g:.0f} MiB"
             lines.append(f"| {row['label']} | {row['batch']} | {base} | " + " | ".join(cells) + " |")
     lines += [
