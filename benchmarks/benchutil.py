@@ -15,11 +15,11 @@ Memory
 
     Resident memory includes the allocator's slack: glibc serves a freed large block's size
     from its heap from then on (its mmap threshold grows), and how much of that heap stays
-    resident depends on the order of allocations -- the same run of VGG16 measured 101, 110,
-    137 and 145 MiB. :data:`LIVE_ENV` fixes the threshold at 64 KiB, so that every tensor
-    of that size or more is mapped on its own and unmapped when freed: resident memory then
-    follows the bytes the run really holds (tensors and the kernels' own workspaces, such as
-    oneDNN's reordered weights), the same to 0.1 MiB from run to run.
+    resident depends on the order of allocations -- in three processes the same VGG16
+    explanation measured 110, 136 and 145 MiB. :data:`LIVE_ENV` fixes the threshold at 64 KiB,
+    so that every tensor of that size or more is mapped on its own and unmapped when freed:
+    resident memory then follows the bytes the run really holds (tensors and the kernels' own
+    workspaces, such as oneDNN's reordered weights), the same to 0.1 MiB from run to run.
 """
 
 from __future__ import annotations
