@@ -15,7 +15,7 @@ import torch
 
 from .errors import GraphFreedError
 from .graph import Edge, Graph
-from .ops import MissingOperand, Value
+from .ops import MissingOperand, PlacedValue, Value
 from .saved import release, saves_tensors, view_base
 
 #: How many levels below a node the inversions that read its saved tensors are awaited
@@ -60,7 +60,7 @@ class Resolver:
         self._hold: dict[int, set[int]] = {}  # nodes to free: the nodes below still to settle
         self._waiters: dict[int, list[int]] = {}  # node below -> the held nodes that wait for it
         self._settled = [False] * len(graph.nodes)
-        self._large: list[bool | None] = [None] * len(graph.nodes)  # see _big
+        self._large: list[tuple[bool, ...] | None] = [None] * len(graph.nodes)  # see _big
         self._invertible: dict[int, bool] = {}
         self._weight: dict[int, int] = {}
         self._late: dict[int, int] = {}  # see defer
@@ -192,16 +192,17 @@ class Resolver:
         if gn.is_leaf:
             return False
         big = self._big
-        return (big(i) or any(e is not None and big(e[0]) for e in gn.inputs)) and bool(self._weighs(i))
+        return (any(big(i)) or any(e is not None and big(e[0])[e[1]] for e in gn.inputs)) \
+            and bool(self._weighs(i))
 
-    def _big(self, i: int) -> bool:
-        """Whether an output of node ``i`` holds :data:`RELEASE_MIN` elements or more (asked
-        once per node: every consumer of ``i`` asks again)."""
+    def _big(self, i: int) -> tuple[bool, ...]:
+        """Per output of node ``i``, whether it holds :data:`RELEASE_MIN` elements or more (worked
+        out once per node: every consumer of ``i`` asks again)."""
         known = self._large[i]
         if known is None:
             gn = self.graph.nodes[i]
-            known = self._large[i] = any(math.prod(gn.meta(k)[0]) >= RELEASE_MIN
-                                         for k in range(gn.num_outputs))
+            known = self._large[i] = tuple(math.prod(gn.meta(k)[0]) >= RELEASE_MIN
+                                           for k in range(gn.num_outputs))
         return known
 
     def _weighs(self, x: int) -> int:
@@ -251,7 +252,7 @@ def merge(known: Value | None, more: Value) -> Value:
         return more
     if known.exact:
         return known
-    if known.owned and more.place is not None:
+    if known.owned and isinstance(more, PlacedValue):
         view, part, part_mask = more.place
         region, seen = view(known.tensor), view(known.mask)
         region.copy_(torch.where(seen, region, part))

@@ -68,23 +68,18 @@ class MissingOperand(Exception):
 class Value:
     """A forward value, known everywhere or only where ``mask`` is true. Treat it as immutable.
 
-    Two fields serve :func:`dynlrp.values.merge` only: ``owned`` says that ``tensor`` and ``mask``
-    are new tensors nobody else holds, which a merge may fill in (the value is then used up);
-    ``place = (view, part, part_mask)`` says that the value is ``part`` (known where ``part_mask``
-    is, everywhere if None) placed where ``view(t)`` lies in a tensor ``t`` of the value's shape,
-    and nothing else (a selection's inverse), so a merge copies only that region.
+    ``owned`` serves :func:`dynlrp.values.merge` only: ``tensor`` and ``mask`` are new tensors
+    nobody else holds, which a merge may fill in (the value is then used up).
 
     (A slotted class rather than a frozen dataclass: one is made per forward value, and a
     frozen dataclass costs three times as much to make.)"""
 
-    __slots__ = ("tensor", "mask", "owned", "place")
+    __slots__ = ("tensor", "mask", "owned")
 
-    def __init__(self, tensor: torch.Tensor, mask: torch.Tensor | None = None, owned: bool = False,
-                 place: tuple | None = None) -> None:
+    def __init__(self, tensor: torch.Tensor, mask: torch.Tensor | None = None, owned: bool = False) -> None:
         self.tensor = tensor
         self.mask = mask
         self.owned = owned
-        self.place = place
 
     @property
     def exact(self) -> bool:
@@ -102,12 +97,12 @@ class PlacedValue(Value):
     part alone into the tensor it gathers parts in, so the query, key and value read back from a
     fused projection make one tensor of the projection's size, not three."""
 
-    __slots__ = ("_shape", "_full")
+    __slots__ = ("place", "_shape", "_full")
 
     def __init__(self, size: torch.Size, view: Callable[[torch.Tensor], torch.Tensor], part: torch.Tensor,
                  part_mask: torch.Tensor | None = None) -> None:
         self.owned = True
-        self.place = (view, part, part_mask)
+        self.place = (view, part, part_mask)  # what values.merge copies
         self._shape = size
         self._full: tuple[torch.Tensor, torch.Tensor] | None = None
 
