@@ -103,6 +103,31 @@ def _split_projection(x: torch.Tensor) -> torch.Tensor:
     return a.softmax(-1) @ V1 + F.layer_norm(b, (3,)) @ V2
 
 
+def test_an_op_the_gradient_fallback_routes_does_not_route_per_unit():
+    """Relevance per unit of an unknown value is routed only by ops that move values (a view, a
+    selection): ``v * G`` routed is ``v_in * route(G)`` there. An op without an entry that the
+    gradient fallback routes by its backward (``cumprod``) is no such op: promise mode, which
+    cannot rebuild that op's output, says so instead of returning wrong relevance (it used to
+    route ``G`` through the backward and differ from recorded mode)."""
+    import warnings
+
+    conv = nn.Conv2d(3, 3, 3, padding=1).double().requires_grad_(False)
+    x = _randn(2, 3, 4, 4, grad=True)
+
+    def fn(x):
+        return torch.cumprod(torch.relu(conv(x)), -1).sum((1, 2, 3))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fallback warns about cumprod)
+        engine = dynlrp.LRP({"linear": dynlrp.rules.Epsilon(1e-6)}, fallback="gradient")
+        with pytest.raises(dynlrp.UnrecoverableValueError, match="record the forward pass"):
+            engine(fn(x), x, model=conv)
+        with dynlrp.record() as tape:
+            y = fn(x)
+        r, = engine(y, x, tape=tape)
+    assert torch.isfinite(r).all()
+
+
 def test_known_and_unknown_parts_of_one_tensor():
     x = _randn(4, 4, grad=True)
     seed = _randn(4, 2, seed=11)
