@@ -34,7 +34,7 @@ import benchutil as bu  # noqa: E402
 import zoo  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
-METHODS = ("grad", "dynlrp", "dynlrp_recorded", "dynlrp_cached", "zennit", "captum")
+METHODS = ("grad", "dynlrp", "dynlrp_recorded", "dynlrp_cached", "dynlrp_epsilon", "zennit", "captum")
 TABLE4 = ("nodes", "promises", "pre_promises", "promise_internal_nodes", "mean_promise_path",
           "promise_density")
 
@@ -292,20 +292,21 @@ def markdown(result: dict) -> str:
             cells = ["–" if ratio is None else f"{ratio:.2f}×" for ratio in ratios]
             base = "?" if g is None else f"{g:.0f} MiB"
             lines.append(f"| {row['label']} | {row['batch']} | {base} | " + " | ".join(cells) + " |")
+    ours = [*M.DYNLRP, *(["dynlrp_epsilon"] if "dynlrp_epsilon" in names else [])]
     lines += [
         "",
         "Explanation only (the forward pass excluded): the `lrp` call as a multiple of the",
         "`torch.autograd.grad` call on the same graph.",
         "",
-        "| model | batch | autograd.grad | " + " | ".join(M.LABELS[n] for n in M.DYNLRP) + " |",
-        "|---|---|---|---|---|---|",
+        "| model | batch | autograd.grad | " + " | ".join(M.LABELS[n] for n in ours) + " |",
+        "|---|---|---|" + "---|" * len(ours),
     ]
     for row in rows:
         if "error" in row:
             continue
         g = row["methods"].get("grad", {})
         base = "?" if g.get("explain_s") is None else f"{g['explain_s']:.3f} s"
-        cells = [_cell(row["methods"].get(n), "explain_ratio", notes, method=n) for n in M.DYNLRP]
+        cells = [_cell(row["methods"].get(n), "explain_ratio", notes, method=n) for n in ours]
         lines.append(f"| {row['label']} | {row['batch']} | {base} | " + " | ".join(cells) + " |")
     lines += [
         "",

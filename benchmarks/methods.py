@@ -15,6 +15,8 @@ name                      what one run does
 ``dynlrp_cached``         forward of a new input, the *same* ``LRP`` instance as every
                           earlier run (its second and later calls: a cached plan if the engine
                           keeps one)
+``dynlrp_epsilon``        as ``dynlrp``, with the ``epsilon`` preset whatever the problem's rules:
+                          the rules of Captum's LRP (epsilon on every layer; CNNs)
 ``zennit``                Zennit ``EpsilonPlus`` with the torchvision canonizers, ``Gradient``
                           attributor (CNNs)
 ``captum``                Captum ``LRP`` (default epsilon rules; VGG16)
@@ -40,6 +42,7 @@ LABELS = {
     "dynlrp": "dynlrp promise (1st call)",
     "dynlrp_recorded": "dynlrp recorded",
     "dynlrp_cached": "dynlrp 2nd call (same engine, new forward)",
+    "dynlrp_epsilon": "dynlrp epsilon (1st call)",
     "zennit": "Zennit EpsilonPlus",
     "captum": "Captum LRP",
     "lxt": "LxT AttnLRP (efficient)",
@@ -52,6 +55,8 @@ def applicable(method: str, model: str) -> bool:
         return model in ("vgg16", "resnet50")
     if method == "captum":
         return model == "vgg16"
+    if method == "dynlrp_epsilon":
+        return model in ("vgg16", "resnet50")
     if method == "lxt":
         return model in ("bert", "llama", "vit_b_16")
     return True
@@ -116,6 +121,13 @@ def _engine_call(p: Problem) -> tuple[Callable[..., Any], dict[str, Any]]:
     engine = dynlrp.LRP(rules)
     kwargs = {"model": p.model} if "model" in inspect.signature(engine.__call__).parameters else {}
     return engine, {"rules": label, "model_passed": bool(kwargs), "kwargs": kwargs}
+
+
+def dynlrp_epsilon(p: Problem) -> Method:
+    """dynlrp promise mode, first call of a fresh engine, with the ``epsilon`` preset."""
+    method = dynlrp_promise(Problem(p.name, p.model, p.x, p.forward, {**p.extra, "rules": "epsilon"}))
+    method.name = "dynlrp_epsilon"
+    return method
 
 
 def dynlrp_promise(p: Problem) -> Method:
@@ -250,6 +262,7 @@ FACTORIES: dict[str, Callable[[Problem], Method]] = {
     "dynlrp": dynlrp_promise,
     "dynlrp_recorded": dynlrp_recorded,
     "dynlrp_cached": dynlrp_cached,
+    "dynlrp_epsilon": dynlrp_epsilon,
     "zennit": zennit,
     "captum": captum,
     "lxt": lxt,

@@ -51,3 +51,10 @@ def _free_every_tensor(monkeypatch):
     """Free saved tensors of every size (by default small ones are not worth the time), so that
     every test that explains a graph once also checks that freeing it as it goes is safe."""
     monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 0)
+
+
+@pytest.fixture(autouse=True)
+def _write_every_grad(monkeypatch):
+    """Overwrite every grad that may be overwritten (by default only large ones are worth it),
+    so that every test also checks the in-place products of :func:`dynlrp.rules._inputs_times`."""
+    monkeypatch.setattr(dynlrp.rules, "WRITE_MIN", 0)

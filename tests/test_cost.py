@@ -17,6 +17,8 @@ source the resolver used (``resolver.how``).
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -119,14 +121,109 @@ class ReluThenAny(nn.Module):
 
 def test_a_partial_value_serves_where_relevance_flows_inside_it(resolvers):
     """Under epsilon, relevance reaches lin1's output only where the ReLU passed it: the ReLU's
-    saved result is lin1's output there, and nothing is recomputed."""
+    saved result is lin1's output there, and nothing is recomputed. The rules say so (lin2's
+    epsilon gives 0 where its input, the ReLU's output, is 0; the ReLU passes relevance as it
+    is), so the value serves without a test, read straight from the ReLU."""
     model = ReluThenAny().requires_grad_(False)
     x = torch.randn(5, 6, requires_grad=True)
     out = explain(model, x, None, resolvers)
     resolver = resolvers[0]
+    assert (torch.relu(model.lin1(x)) == 0).any()  # the case this test is about
+    assert how_of(resolver, "MmBackward0") == []  # not looked up in the graph: seen through the ReLU
+    assert resolver.stats()["clipped_values"] == 1
+    assert resolver.stats()["promise_internal_nodes"] == 0  # nothing replayed or recomputed
+    assert_close(out["promise"], out["recorded"])
+
+
+def test_a_partial_value_is_tested_where_the_rules_do_not_say_where_relevance_is(resolvers):
+    """The same graph with a rule that declares nothing (:meth:`Rule.vanishes` is None) at
+    lin2: lin1's output is found through the ReLU's inverse (known where positive) and tested
+    against the relevance before it serves."""
+
+    class Quiet(Epsilon):
+        def vanishes(self, ctx):
+            return None
+
+    model = ReluThenAny().requires_grad_(False)
+    x = torch.randn(5, 6, requires_grad=True)
+    with dynlrp.record() as tape:
+        y = model(x)
+    rules = {"MmBackward0": Epsilon(0.0), "AddmmBackward0": Quiet(0.0)}
+    r_promise, = dynlrp.LRP(rules, rebuild_costly=True)(y, x, retain_graph=True)
+    r_recorded, = dynlrp.LRP(rules)(y, x, tape=tape)
+    resolver = resolvers[0]
     assert how_of(resolver, "MmBackward0") == ["inverse"]
     lin1 = next(e for e in resolver.how if resolver.graph.nodes[e[0]].name == "MmBackward0")
     assert not resolver.memo[lin1].exact  # known where the ReLU passed it, and that sufficed
+    assert resolver.stats()["clipped_values"] == 0
+    assert_close(r_promise, r_recorded)
+
+
+def promise_and_recorded(net: nn.Module, x: torch.Tensor, rules, resolvers, **kwargs) -> dict:
+    """Relevance in promise mode (given the model) and in recorded mode, and the promise-mode
+    stats; ``kwargs`` go to :class:`dynlrp.LRP`."""
+    with dynlrp.record() as tape:
+        y = net(x)
+    r_promise, = dynlrp.LRP(rules, **kwargs)(y, x, retain_graph=True, model=net)
+    r_recorded, = dynlrp.LRP(rules, **kwargs)(y, x, tape=tape)
+    return {"promise": r_promise, "recorded": r_recorded, "stats": resolvers[0].stats()}
+
+
+class Plain(nn.Module):
+    """VGG's pattern: conv-ReLU-max pool-conv-ReLU-flatten-dense; or a ResNet block (convolutions
+    with batch norms, the block's input added back before the last ReLU); or an op without an
+    entry after the ReLUs."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.conv1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+        self.head = nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "vgg":
+            h = torch.relu(self.conv2(nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)))
+        elif self.kind == "resnet":
+            h = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+            h = nn.functional.max_pool2d(h, 2)
+        else:
+            h = torch.relu(self.conv2(nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)))
+            h = nn.functional.gelu(torch.cumprod(h, -1))  # (cumprod has no op entry: the gradient
+            # fallback routes relevance by its backward; GELU saves its output, which the head needs)
+        return self.head(h.flatten(1))
+
+
+def _random_batch_norms(model: nn.Module) -> nn.Module:
+    torch.manual_seed(3)
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    return model.eval().requires_grad_(False)
+
+
+@pytest.mark.parametrize("kind, rules, clipped", [
+    ("vgg", "epsilon", 2),  # both convolutions' outputs, through the max pool and the flatten
+    ("vgg", None, 2),  # (the default rules)
+    ("resnet", "epsilon", 2),  # the first conv + bn, and the residual sum; not the second conv + bn
+    ("resnet", None, 2),  # batch norms not folded: the first bn, and the sum
+    ("opaque", "epsilon", 1),  # an op without entry after the second ReLU: nothing is known
+    # of the relevance it routes, so the second conv's output is tested; the first one's is not
+])
+def test_a_layer_output_seen_through_its_relu_needs_no_test(resolvers, kind, rules, clipped):
+    """Where the rules above a ReLU give no relevance where its output is 0, the output of the
+    layer before it is read from the ReLU's saved result as it is, with no mask and no test
+    (``clipped_values``), and the relevance equals recorded mode's."""
+    torch.manual_seed(2)
+    model = _random_batch_norms(Plain(kind))
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fallback warns about the op without entry)
+        out = promise_and_recorded(model, x, rules, resolvers, fallback="gradient")
+    assert out["stats"]["clipped_values"] == clipped
     assert_close(out["promise"], out["recorded"])
 
 

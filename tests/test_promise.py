@@ -474,8 +474,10 @@ def test_inversion_through_relu(resolvers):
     seed = torch.randn(2, 4)
     out = explain(model, x, seed, resolvers)
     stats = out["stats"]
-    assert stats["inversions"] == 1
-    assert any(not v.exact for v in out["resolver"].memo.values())
+    # the conv's output, seen through the ReLU where it is positive: the rules above it say that
+    # relevance is 0 wherever the ReLU's output is, so it serves as it is, without an inversion
+    # recorded in the graph (tests/test_cost.py has the inversion itself)
+    assert stats["clipped_values"] == 1 and stats["inversions"] == 0
     check_rebuilt_values(out, x)
 
     h = F.conv2d(x.detach(), model.conv.weight, model.conv.bias, padding=1)

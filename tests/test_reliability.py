@@ -282,6 +282,20 @@ def test_float16_zero_denominator_uses_the_dtype_floor():
     torch.testing.assert_close(stabilize(z, 1e-6), z + signed_eps)
 
 
+def test_the_stabiliser_signs_both_zeros_plus():
+    """``sign(0) = +1`` for ``-0.0`` too (Zennit's stabiliser: ``(z == 0) + sign(z)``), in every
+    float dtype, and the sum is the textbook ``z + eps * sign(z)`` bit for bit."""
+    from dynlrp.rules import stabilize
+
+    for dtype in (torch.float32, torch.float64):
+        z = torch.tensor([-0.0, 0.0, 1e-7, -1e-7, 3.0, -3.0, float("nan")], dtype=dtype)
+        sign = torch.where(z >= 0, 1.0, -1.0).to(dtype)
+        got = stabilize(z, 1e-6)
+        assert torch.equal(got[:-1], (z + 1e-6 * sign)[:-1]), dtype
+        eps = torch.tensor(1e-6, dtype=dtype).item()
+        assert got[:2].tolist() == [eps, eps] and torch.isnan(got[-1])
+
+
 def test_half_relevance_from_many_consumers_is_summed_in_float32():
     """One value read by 64 consumers: their relevances (multiples of 1/8, exact in bfloat16) are
     summed in float32 -- exactly, here -- and rounded once, to the nearest bfloat16 of the true

@@ -348,6 +348,78 @@ def test_promise_mode_equals_recorded_through_relu(rule):
     torch.testing.assert_close(lrp(model, x, seed, rule_set), lrp(model, x, seed, rule_set, tape=True))
 
 
+# -- where relevance vanishes (Rule.vanishes) -----------------------------------------------------------
+# The engine trusts these declarations to skip a test (tests/test_cost.py): each must hold
+# whatever the numbers.
+
+def _with_zeros(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with about 40% of its entries exactly 0 (and one whole example's first row)."""
+    gen = torch.Generator().manual_seed(7)
+    x = x.masked_fill(torch.rand(x.shape, generator=gen, dtype=x.dtype) < 0.4, 0.0)
+    x[0, 0] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["frozen", "trainable"])
+@pytest.mark.parametrize("rule", list(RULES.values()), ids=list(RULES))
+@pytest.mark.parametrize("layer", list(LAYERS), ids=list(LAYERS))
+def test_rules_that_declare_it_give_no_relevance_where_the_input_is_zero(layer, rule, trainable):
+    """``vanishes == "inputs"``: ``R_i = 0`` wherever ``v_i = 0``; the rules that do not say so
+    (z^B, flat, w^2) may give relevance there."""
+    factory, shape = LAYERS[layer]
+    model, x = make(factory, shape, trainable)
+    x = _with_zeros(x)
+    seed = torch.randn_like(model(x).detach())
+    r = lrp(model, x, seed, {"linear": rule})
+    declared = rule.vanishes(None)  # (these rules declare without looking at the node)
+    if isinstance(rule, (rules.ZBox, rules.Flat, rules.WSquare)):
+        assert declared is None
+    else:
+        assert declared == "inputs"
+        assert (r[x == 0] == 0).all()
+
+
+ROUTES = {
+    "max-pool": (lambda x: nn.functional.max_pool2d(x, 2), (2, 3, 4, 4)),
+    "adaptive-max-pool": (lambda x: nn.functional.adaptive_max_pool2d(x, 2), (2, 3, 5, 5)),
+    "permute": (lambda x: x.permute(0, 2, 1), (2, 3, 4)),
+    "reshape": (lambda x: x.reshape(2, -1), (2, 3, 4)),
+    "slice": (lambda x: x[:, 1:3], (2, 4, 3)),
+    "expand": (lambda x: x.unsqueeze(1).expand(2, 3, 4), (2, 4)),
+    "index": (lambda x: x[:, torch.tensor([0, 2, 2])], (2, 4)),
+    "cat": (lambda x: torch.cat([x, x.flip(1)], 1), (2, 4)),
+    "max": (lambda x: x.max(1).values, (3, 5)),
+    "amax": (lambda x: x.amax(), (3, 5)),
+    "maximum": (lambda x: torch.maximum(x, x.flip(0)), (3, 5)),
+    "where": (lambda x: torch.where(torch.arange(x.shape[1]) % 2 == 0, x, x.roll(1, 1)), (3, 4)),
+}
+
+
+@pytest.mark.parametrize("op", list(ROUTES), ids=list(ROUTES))
+def test_routes_move_relevance_with_the_values(op):
+    """``vanishes == "routes"``: relevance that is 0 wherever the output is 0 is 0 wherever the
+    input is 0 (it follows the values: a zero value was routed only to zero outputs). Inputs with
+    zeros, ties and windows of zeros only."""
+    f, shape = ROUTES[op]
+    x = torch.randn(shape, dtype=DT).abs().round()  # entries 0, 1, 2, 3: zeros and ties
+    x.view(-1)[: x.numel() // 3] = 0.0
+    xx = x.clone().requires_grad_(True)
+    y = f(xx)
+    seed = y.detach() * torch.randn_like(y.detach())
+    r, = dynlrp.lrp(y, xx, seed)
+    assert (r[x == 0] == 0).all()
+    assert torch.isclose(r.sum(), seed.sum())
+
+
+def test_rules_declare_what_they_pass_on():
+    """The identity passes relevance as it came (``"output"``); a sum with a constant takes the
+    identity; a route routes only for ops whose contract says they move values."""
+    assert rules.Identity().vanishes(None) == "output"
+    assert rules.Folded(rules.Epsilon(), 0).vanishes(None) == "inputs"
+    assert rules.Folded(rules.Flat(), 0).vanishes(None) is None
+    assert rules.Rule().vanishes(None) is None  # a rule that says nothing
+
+
 # -- validation and errors ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("alpha,beta", [(1.5, 1.0), (2.0, 0.0), (-1.0, -2.0), (0.5, -0.5)])

@@ -40,7 +40,7 @@ from . import ops, presets
 from .dtypes import compute_dtype
 from .errors import GraphError, LRPError, NonFiniteRelevanceError, UnknownOpError, UnrecoverableValueError
 from .graph import GNode, Graph, build
-from .ops import Value
+from .ops import ClippedValue, NonnegativeValue, Value
 from .ops.common import scalar
 from .plan import Plan, PlannedResolver
 from .promise import PromiseResolver
@@ -54,7 +54,8 @@ class RuleContext:
     """What a rule sees at one node: relevance, forward values on demand, the adjoint."""
 
     __slots__ = ("gn", "node", "entry", "kind", "relevances", "relevance", "num_inputs", "_graph",
-                 "_resolver", "graph_inputs", "reaching", "_values", "fused", "_affine")
+                 "_resolver", "graph_inputs", "reaching", "_values", "fused", "_affine", "zeros_of",
+                 "partial_inputs")
 
     def __init__(self, gn: GNode, entry: ops.OpEntry, graph: Graph, relevances: list, resolver: Resolver,
                  fused: int | None = None):
@@ -72,6 +73,10 @@ class RuleContext:
         self._values: dict[Any, Value] = {}
         self.fused = fused  # canonization: the channel-wise affine node folded into this one
         self._affine: ops.Affine | None = None
+        #: An edge such that the relevance received is 0 wherever that edge's forward value is 0
+        #: (or None): what the rules upstream declared (:meth:`~dynlrp.rules.Rule.vanishes`).
+        self.zeros_of: tuple[int, int] | None = None
+        self.partial_inputs = False  # an input value the rule got was known on a mask only
 
     def value_of_input(self, slot: int) -> Value:
         values = self._values
@@ -89,7 +94,11 @@ class RuleContext:
         if v is None:
             node = self.gn.index if self.fused is None else self.fused
             resolver = self._resolver
-            v = resolver.memo.get((node, 0)) or resolver.output(node, 0)
+            v = resolver.memo.get((node, 0))
+            if v is None and self.zeros_of is not None:  # (a ReLU's output, free, before a replay)
+                v = resolver.seen_through((node, 0), self.zeros_of[0])
+            if v is None:
+                v = resolver.output(node, 0)
             values["out"] = v
         return v
 
@@ -119,6 +128,13 @@ class RuleContext:
     def output(self) -> torch.Tensor:
         v = self.value_of_output()
         return (v if v.exact else self.exact_value("out")).tensor
+
+    @property
+    def output_nonnegative(self) -> bool:
+        """Whether the output value the rule got has no negative entry (a stabiliser then needs
+        no sign test); asked after :attr:`output`."""
+        v = self._values.get("out")
+        return v is not None and v.nonnegative
 
     def input_shape(self, slot: int) -> torch.Size:
         return self._edge_meta(slot)[0]
@@ -423,9 +439,14 @@ class LRP:
         pop, get = pending.pop, pending.get
         rule_at = self.rules.rule_at
         apply = self._apply
+        # Per edge with pending relevance: an edge whose forward value is 0 wherever that
+        # relevance is (Rule.vanishes; absent: nothing known). Carried like the relevance.
+        zeros: dict[tuple[int, int], tuple[int, int]] = {}
+        zeros_pop, zeros_get = zeros.pop, zeros.get
         for i in graph.order:
             gn = nodes[i]
             nout = gn.num_outputs
+            ref = zeros_pop((i, 0), None)
             if nout == 1:
                 r = pop((i, 0), None)
                 rels = [r]
@@ -452,8 +473,12 @@ class LRP:
                 rels, extras, per_unit = _per_unit_in(rule, gn, entry, graph, rels, resolver)
             if nout != 1 or rels[0] is None:
                 rels = _filled(gn, rels)
-            out, units = apply(rule, RuleContext(gn, entry, graph, rels, resolver, rule.fused), gn,
-                               check_each, per_unit)
+            ctx = RuleContext(gn, entry, graph, rels, resolver, rule.fused)
+            if not per_unit_in:
+                ctx.zeros_of = ref
+            out, units = apply(rule, ctx, gn, check_each, per_unit)
+            vanishes = None if per_unit_in else rule.vanishes(ctx)
+            received = rels[0].shape
             if extras is not None:  # ordinary relevance routed alongside the per-unit part
                 ctx = RuleContext(gn, entry, graph, _filled(gn, extras), resolver, rule.fused)
                 plain, _ = apply(rule, ctx, gn, check_each)
@@ -463,13 +488,29 @@ class LRP:
             for slot, e, dtype in gn.relevance_edges(nodes):  # the inputs that lead to a requested input
                 if slot >= n or (r := out[slot]) is None:
                     continue
+                fact = None  # (see `zeros`)
+                if vanishes is not None:
+                    if vanishes == "inputs":
+                        fact = None if ctx.partial_inputs else e
+                    elif vanishes == "output":
+                        fact = ref if r.shape == received else None
+                    elif ref == (i, 0):  # "routes"
+                        fact = e
                 if r.dtype != dtype:  # float32 for half
                     r = r.to(dtype)
                 if units and slot in units:
                     extra = None if plain is None or plain[slot] is None else plain[slot].to(dtype)
                     r = PerUnit(r, extra)
+                    fact = None
                 prev = get(e)
-                pending[e] = r if prev is None else prev + r
+                if prev is None:
+                    pending[e] = r
+                    if fact is not None:
+                        zeros[e] = fact
+                else:
+                    pending[e] = prev + r
+                    if fact is None or zeros_get(e) != fact:
+                        zeros_pop(e, None)
             done(i)
         return [_settled(found.get(t), resolver, t) for t in targets]
 
@@ -497,7 +538,8 @@ class LRP:
                 ctx.assume_unit(slot)
                 units += (slot,)
                 continue
-            partial = partial or not v.exact
+            if not v.exact:
+                partial = ctx.partial_inputs = True
         if per_unit == "divides":
             ctx.assume_unit("out")
         elif needs.output:
@@ -614,6 +656,12 @@ def _check_partial(ctx: RuleContext, gn: GNode) -> None:
     r = ctx.relevance
     for key, v in list(ctx._values.items()):
         if v.exact:
+            continue
+        if key == "out" and type(v) is ClippedValue and v.source is not None and v.source == ctx.zeros_of:
+            # the relevance is 0 wherever the clipping op's output is, which is where this
+            # value is unknown: it serves as it is (no mask, no test; unknown entries read 0)
+            ctx._values[key] = NonnegativeValue(v.tensor)
+            ctx._resolver.clipped += 1
             continue
         # (r outside the mask, as one masked_fill: no boolean indexing)
         if v.mask.shape != r.shape or r.masked_fill(v.mask, 0).any():

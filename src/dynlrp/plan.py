@@ -18,7 +18,7 @@ from .graph import Edge
 from .ops import MissingOperand, Value
 from .promise import PromiseResolver
 from .saved import leaf_variable
-from .values import Resolver, merge, replay, replay_output, tap_value
+from .values import Resolver, inverse, merge, replay, replay_output, tap_value
 
 
 class PlanMismatch(Exception):
@@ -60,6 +60,13 @@ class PlannedResolver(Resolver):
         if v.exact:
             return v
         return self._searcher().exact(edge, requester)  # the first call needed only part of it
+
+    def seen_through(self, edge: Edge, consumer: int) -> Value | None:
+        try:
+            out = self._get((consumer, 0))
+        except (PlanMismatch, MissingOperand, KeyError, TypeError, IndexError, GraphFreedError):
+            return None
+        return self._clipped(edge, consumer, out)
 
     def costly(self, edge: Edge) -> bool:
         if self._search is not None:
@@ -125,7 +132,7 @@ class PlannedResolver(Resolver):
                 cn = self.graph.nodes[consumer]
                 out = self._get((consumer, 0))
                 xs = [None if (e is None or s == slot) else self._exact(e) for s, e in enumerate(cn.inputs)]
-                got = cn.entry.inverse(cn.fn, out, xs).get(slot)
+                got = inverse(cn, slot, out, xs)
                 if got is None:
                     raise PlanMismatch(f"{cn.name} could not be inverted")
                 value = merge(value, got)

@@ -156,6 +156,9 @@ class PromiseResolver(Resolver):
             self.how[edge] = ("inverse", tuple(used))
         return found
 
+    def seen_through(self, edge: Edge, consumer: int) -> Value | None:
+        return self._clipped(edge, consumer, self.direct((consumer, 0), recompute=False))
+
     def costly(self, edge: Edge) -> bool:
         if not self.skip_costly or edge in self.memo:
             return False
@@ -358,4 +361,5 @@ class PromiseResolver(Resolver):
             "inversions": self.inversions,
             "promise_trees": sum(1 for p in self.promises if p.parent is not None),
             "per_unit_values": len(self.units),
+            "clipped_values": self.clipped,
         }

@@ -15,7 +15,7 @@ import torch
 
 from .errors import GraphFreedError
 from .graph import Edge, Graph
-from .ops import MissingOperand, PlacedValue, Value
+from .ops import ClippedValue, MissingOperand, PlacedValue, Value
 from .saved import release, saves_tensors, view_base
 
 #: How many levels below a node the inversions that read its saved tensors are awaited
@@ -53,6 +53,8 @@ class Resolver:
         for x, edge in zip(inputs, graph.targets):
             self.memo.setdefault(edge, Value(x.detach()))
         self._given = set(self.memo)
+        #: Values seen through a clipping op and used without a test (the engine counts them)
+        self.clipped = 0
         # Per node: how many of its input edges lead to nodes the traversal has yet to
         # propagate (-1: an input that the traversal never visits, so never).
         self._left = [len(r) if (r := gn.reaching) is (g := gn.graph_inputs) or len(r) == len(g) else -1
@@ -95,6 +97,22 @@ class Resolver:
         """The forward value of ``edge`` known everywhere if it can be had at any cost (a partial
         value is returned only when nothing better exists)."""
         return self.value(edge, requester)
+
+    def seen_through(self, edge: Edge, consumer: int) -> Value | None:
+        """``edge``'s value as the clipping op at node ``consumer`` shows it (a
+        :class:`~dynlrp.ops.ClippedValue`: known where that op's output is not 0), when that
+        output is at hand without work; else None. The engine asks only where the relevance is
+        known to be 0 wherever that output is, so the value serves without a test."""
+        return None
+
+    def _clipped(self, edge: Edge, consumer: int, out: Value | None) -> Value | None:
+        """:meth:`seen_through` once the consumer's output ``out`` is found (or not)."""
+        cn = self.graph.nodes[consumer]
+        if out is None or not out.exact or cn.entry is None or cn.entry.inverse is None \
+                or len(cn.inputs) != 1 or cn.inputs[0] != edge:
+            return None
+        got = inverse(cn, 0, out, [None])
+        return got if type(got) is ClippedValue else None
 
     def costly(self, edge: Edge) -> bool:
         """Whether ``edge``'s value would cost recomputing a matrix product or a convolution
@@ -273,6 +291,16 @@ def _all_true(mask: torch.Tensor) -> bool:
     return mask.numel() == 0 or bool(mask.view(torch.uint8).amin())
 
 
+def inverse(cn, slot: int, out: Value, xs: list) -> Value | None:
+    """Input ``slot`` of node ``cn`` from its output ``out`` and other inputs ``xs``, by its op's
+    inverse. A value seen through a clipping op learns the edge it was seen from
+    (:attr:`~dynlrp.ops.ClippedValue.source`)."""
+    got = cn.entry.inverse(cn.fn, out, xs).get(slot)
+    if type(got) is ClippedValue:
+        got.source = (cn.index, 0)
+    return got
+
+
 def invert_by_consumers(graph: Graph, edge: Edge, output_of, operand_of) -> tuple[Value | None, list]:
     """``edge``'s value recovered by its consumers' inverses, and the ``(consumer, slot)`` pairs
     used. ``output_of(consumer_edge, edge)`` gives a consumer's output, ``operand_of(e, consumer,
@@ -294,7 +322,7 @@ def invert_by_consumers(graph: Graph, edge: Edge, output_of, operand_of) -> tupl
                 v = operand_of(e, consumer, s)
                 xs[s] = None if v is None or not v.exact else v.tensor
         try:
-            got = entry.inverse(cn.fn, out, xs).get(slot)
+            got = inverse(cn, slot, out, xs)
         except GraphFreedError:  # (an inverse that reads a tensor the call freed)
             if not graph.freed[consumer]:
                 raise

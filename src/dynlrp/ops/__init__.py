@@ -76,6 +76,9 @@ class Value:
 
     __slots__ = ("tensor", "mask", "owned")
 
+    #: Every entry is ``>= 0`` (where known; 0 where not): a stabiliser needs no sign test.
+    nonnegative = False
+
     def __init__(self, tensor: torch.Tensor, mask: torch.Tensor | None = None, owned: bool = False) -> None:
         self.tensor = tensor
         self.mask = mask
@@ -87,6 +90,43 @@ class Value:
 
     def __repr__(self) -> str:
         return f"Value(tensor={self.tensor!r}, mask={self.mask!r})"
+
+
+class NonnegativeValue(Value):
+    """A value known everywhere with no negative entry (:attr:`Value.nonnegative`)."""
+
+    __slots__ = ()
+    nonnegative = True
+
+
+class ClippedValue(Value):
+    """An input seen through a clipping op (``relu``): ``tensor`` is the op's output ``out``
+    (``>= 0``), which is the input where ``out > 0``; where ``out`` is 0 the input is unknown.
+
+    The mask ``out > 0`` is made on first use: a rule whose relevance is known to vanish where
+    ``out`` is 0 needs none (:attr:`source`, set by :func:`dynlrp.values.inverse`: the edge
+    ``(consumer, 0)`` whose value ``out`` is)."""
+
+    __slots__ = ("source", "_mask")
+    nonnegative = True
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.tensor = out
+        self.owned = False
+        self.source = None
+        self._mask: torch.Tensor | None = None
+
+    @property
+    def mask(self) -> torch.Tensor:  # type: ignore[override]
+        if self._mask is None:
+            from .common import scalar  # (ops.common imports this module)
+
+            self._mask = self.tensor.gt(scalar(0, self.tensor))
+        return self._mask
+
+    @property
+    def exact(self) -> bool:
+        return False
 
 
 class PlacedValue(Value):

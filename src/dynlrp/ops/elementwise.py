@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..saved import output_meta, saved
-from . import Value, register
+from . import ClippedValue, Value, register
 from .common import scalar, taps_from
 
 
@@ -29,8 +29,10 @@ def _identity_inverse(node, out, xs):
 
 def _relu_inverse(node, out, xs):
     # relu(x) = out: x is known exactly where out > 0 and unknown where it was clipped.
+    if out.exact:
+        return {0: ClippedValue(out.tensor)}
     mask = out.tensor.gt(scalar(0, out.tensor))
-    return {0: Value(out.tensor, mask if out.mask is None else mask & out.mask)}
+    return {0: Value(out.tensor, mask & out.mask)}
 
 
 register("ReluBackward0", "elementwise", "exact", forward=lambda n, xs: torch.relu(xs[0]),
