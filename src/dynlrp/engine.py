@@ -143,11 +143,18 @@ class RuleContext:
         out = self.entry.forward(self.node, xs)
         return out[0] if isinstance(out, (tuple, list)) else out
 
-    def vjp_all(self, grads: list) -> tuple:
-        """``J^T g``: the autograd node applied to ``grads`` (one per forward output)."""
+    def vjp_all(self, grads: list, owned: bool = False) -> tuple:
+        """``J^T g``: the autograd node applied to ``grads`` (one per forward output). With
+        ``owned``, ``grads[0]`` is the caller's temporary, which a folded channel-wise map scales
+        in place (``x * weight[c]`` per channel of dim 1, as :class:`~dynlrp.ops.Affine` says)."""
         if self.fused is not None:  # a channel-wise map is diagonal: it is its own adjoint
             fused = self._fused_affine()
-            grads = [fused.linear(grads[0], fused.weight), *grads[1:]]
+            g, w = grads[0], fused.weight
+            if owned and g.dim() >= 2 and w.dim() == 1 and torch.result_type(g, w) == g.dtype:
+                scaled = g.mul_(w.reshape([1, -1] + [1] * (g.dim() - 2)))
+            else:
+                scaled = fused.linear(g, fused.weight)
+            grads = [scaled, *grads[1:]]
         gn = self.gn
         if len(grads) == 1:
             g = grads[0]
@@ -174,9 +181,10 @@ class RuleContext:
                 fixed[s] = g.sum_to_size(shape)
         return out if fixed is None else tuple(fixed)
 
-    def vjp(self, grad: torch.Tensor) -> tuple:
+    def vjp(self, grad: torch.Tensor, owned: bool = False) -> tuple:
+        """``J^T grad`` for the first output (see :meth:`vjp_all`)."""
         n = len(self.relevances)
-        return self.vjp_all([grad] if n == 1 else [grad] + [None] * (n - 1))
+        return self.vjp_all([grad] if n == 1 else [grad] + [None] * (n - 1), owned)
 
     # -- the op as an affine map with a weight (rules that modify weights; canonization) --------
     @property

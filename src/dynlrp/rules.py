@@ -304,9 +304,9 @@ class Epsilon(Rule):
             return _only(ctx, ctx.data_slot, _epsilon_rows(ctx, rows, self.eps))
         z = ctx.output
         s = divide(ctx.relevance, z, self.eps, nonnegative=ctx.output_nonnegative)
-        grads = ctx.vjp(s)
+        grads = ctx.vjp(s, owned=True)
         share = 1.0 / max(len(ctx.reaching), 1) if ctx.kind != "sum" else 1.0
-        return _only_slots(ctx, _inputs_times(ctx, grads, ctx.reaching, share))
+        return _only_slots(ctx, _inputs_times(ctx, grads, ctx.reaching, share, scratch=s))
 
 
 #: Row-sparse relevance is taken row by row from this many rows on, when at most 1 / ROWS_SPARSE
@@ -824,17 +824,21 @@ def default_rule(kind: str) -> Rule | None:
 # propagation" (ICML); "paper" = the DynamicLRP paper (Eqs. 6 and 7 restate AttnLRP's rules).
 
 
-def _inputs_times(ctx: RuleContext, grads: Sequence, slots: Sequence[int],
-                  share: float = 1.0) -> dict[int, torch.Tensor]:
+def _inputs_times(ctx: RuleContext, grads: Sequence, slots: Sequence[int], share: float = 1.0,
+                  scratch: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """``share * v_i * grads[i]`` for each input slot ``i``, the last step of the epsilon family
-    (new tensors, so the share is applied in place). A large grad that shares its memory with
-    no other (the new tensor of a product's or a convolution's adjoint, not the shared ``s``
-    that a sum hands each operand) takes the product itself: a new tensor of an activation's
-    size costs as much again as the product, in page faults."""
+    (new tensors, so the share is applied in place).
+
+    A large grad takes the product itself where that is safe -- a new tensor of an activation's
+    size costs as much again as the product, in page faults: a grad that shares its memory with
+    no other (the new tensor of a product's or a convolution's adjoint), or ``scratch`` itself,
+    the caller's temporary the grads were computed from (the ``s`` of Eq. 4, which a sum hands
+    to every operand), for the last operand that reads it."""
     out = {}
-    for i in slots:
+    slots = tuple(slots)
+    for n, i in enumerate(slots):
         x, g = ctx.input(i), grads[i]
-        r = g.mul_(x) if _writable(g, x, grads) else x * g
+        r = g.mul_(x) if _writable(g, x, grads, [grads[j] for j in slots[n + 1:]], scratch) else x * g
         out[i] = r.mul_(share) if share != 1.0 else r
     return out
 
@@ -843,14 +847,20 @@ def _inputs_times(ctx: RuleContext, grads: Sequence, slots: Sequence[int],
 WRITE_MIN = 1 << 14
 
 
-def _writable(g: torch.Tensor, x: torch.Tensor, grads: Sequence) -> bool:
+def _writable(g: torch.Tensor, x: torch.Tensor, grads: Sequence, later: Sequence,
+              scratch: torch.Tensor | None) -> bool:
     """Whether ``g * x`` may be written into ``g``: a large dense tensor of the product's shape
-    and dtype that is not a view and shares its memory with no other grad."""
+    and dtype that is not a view, and either shares its memory with no other grad, or is
+    ``scratch`` and no grad still to be read (``later``) shares it."""
     if (g.numel() < WRITE_MIN or g.shape != x.shape or g._is_view() or g.requires_grad
             or not g.is_contiguous() or torch.result_type(g, x) != g.dtype):
         return False
     at = g.untyped_storage().data_ptr()
-    return sum(1 for h in grads if isinstance(h, torch.Tensor) and h.untyped_storage().data_ptr() == at) == 1
+    if sum(1 for h in grads if isinstance(h, torch.Tensor) and h.untyped_storage().data_ptr() == at) == 1:
+        return True
+    return (scratch is not None and g.data_ptr() == scratch.data_ptr() and g.shape == scratch.shape
+            and g.stride() == scratch.stride()
+            and not any(isinstance(h, torch.Tensor) and h.untyped_storage().data_ptr() == at for h in later))
 
 
 def _only_slots(ctx: RuleContext, values: dict[int, torch.Tensor]) -> list[torch.Tensor | None]:
