@@ -8,6 +8,7 @@ the batch statistics autograd saved are used (they mix examples; prefer ``model.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..dtypes import compute_dtype
 from ..saved import saved
@@ -27,8 +28,14 @@ def _stats(node, x):
 
 
 def _batch_norm(node, x, bias):
-    """``(x - mean) * invstd * weight + bias`` as one multiply-add, ``x * scale + shift``, with the
-    per-channel ``scale`` and ``shift`` made first. ``bias`` is None when there is none."""
+    """``(x - mean) * invstd * weight + bias``. At inference in float32 or float64, the kernel of
+    the forward pass itself (the same numbers, in half the time of a multiply-add); otherwise one
+    multiply-add, ``x * scale + shift``, with the per-channel ``scale`` and ``shift`` made first.
+    ``bias`` is None when there is none."""
+    if not saved(node, "training") and x.dtype in (torch.float32, torch.float64):
+        mean, var, weight = saved(node, "running_mean"), saved(node, "running_var"), saved(node, "weight")
+        if all(t is None or t.dtype == x.dtype for t in (mean, var, weight, bias)) and mean is not None:
+            return F.batch_norm(x, mean, var, weight, bias, False, 0.0, saved(node, "eps"))
     dtype = x.dtype  # float16 / bfloat16: computed in float32 and rounded once, as the kernel does
     x = x.to(compute_dtype(dtype))
     mean, invstd, shape = _stats(node, x)
