@@ -274,6 +274,9 @@ def markdown(result: dict) -> str:
             if info.get("rules"):
                 used[row["label"]] = info["rules"] + (" (model passed)" if info.get("model_passed") else "")
     lines += ["", "dynlrp rules: " + "; ".join(f"{k}: {v}" for k, v in used.items()) + "."]
+    if "dynlrp_epsilon" in names:
+        lines += ["", "dynlrp epsilon: the `epsilon` preset on the CNNs, the rules of Captum's LRP "
+                  "(epsilon on every convolution and dense layer; batch norms folded), model passed."]
     lines += ["", *notes.lines()]
     if any(m.get("live_peak_mib") is not None for row in rows for m in row.get("methods", {}).values()):
         lines += [

@@ -46,13 +46,14 @@ def test_compare_tiny(tmp_path):
     pytest.importorskip("zennit")
     pytest.importorskip("captum")
     out = _run("compare.py", "--tiny", "--models", "vgg16",
-               "--methods", "grad,dynlrp,dynlrp_recorded,dynlrp_cached,zennit,captum",
+               "--methods", "grad,dynlrp,dynlrp_recorded,dynlrp_cached,dynlrp_epsilon,zennit,captum",
                "--memory-methods", "grad", "--out", str(tmp_path))
     result = json.loads((tmp_path / "latest.json").read_text())
     assert (tmp_path / "latest.md").read_text() in out
     (row,) = result["rows"]
     methods = row["methods"]
-    assert set(methods) == {"grad", "dynlrp", "dynlrp_recorded", "dynlrp_cached", "zennit", "captum"}
+    assert set(methods) == {"grad", "dynlrp", "dynlrp_recorded", "dynlrp_cached", "dynlrp_epsilon", "zennit",
+                            "captum"}
     assert methods["grad"]["ratio"] == pytest.approx(1.0)
     assert methods["grad"]["extra_peak_mib"] is not None
     assert methods["grad"]["live_peak_mib"] is not None  # the second, slack-free measurement
@@ -61,6 +62,7 @@ def test_compare_tiny(tmp_path):
     if "error" not in methods["dynlrp"]:  # the paper's Table 4 numbers come from engine.stats
         assert methods["dynlrp"]["info"]["stats"]["nodes"] > 0
     assert "| VGG16 | 1 |" in out
+    assert "dynlrp epsilon: the `epsilon` preset" in out
 
 
 def test_scaling_tiny(tmp_path):
