@@ -227,6 +227,34 @@ def test_a_layer_output_seen_through_its_relu_needs_no_test(resolvers, kind, rul
     assert_close(out["promise"], out["recorded"])
 
 
+class Split(nn.Module):
+    """``lin2(a) + lin3(b)`` for ``a, b = relu(lin1(x)).split(4)``: one ReLU, two consumers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(6, 8, bias=False)
+        self.lin2 = nn.Linear(4, 3, bias=False)
+        self.lin3 = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.relu(self.lin1(x)).split(4, 1)
+        return self.lin2(a) + self.lin3(b)
+
+
+def test_what_is_known_of_one_output_of_a_split_says_nothing_of_the_others(resolvers):
+    """Epsilon at lin2 gives no relevance where ``a`` is 0; the flat rule at lin3 gives some
+    where ``b`` is 0. The split routes both back into the ReLU's output, so lin1's output is
+    tested (and recomputed where needed), not taken as it is."""
+    torch.manual_seed(6)
+    model = Split().requires_grad_(False)
+    x = torch.randn(5, 6, requires_grad=True)
+    assert (torch.relu(model.lin1(x))[:, 4:] == 0).any()  # the case this test is about
+    rules = {"MmBackward0": Epsilon(1e-6), "AddmmBackward0": Flat(), "sum": Epsilon(1e-6)}
+    out = promise_and_recorded(model, x, rules, resolvers, rebuild_costly=True)
+    assert_close(out["promise"], out["recorded"])
+    assert out["stats"]["clipped_values"] == 0
+
+
 def flat_rules() -> dict:
     """Epsilon at lin1 (``mm``), the flat rule at lin2 (``addmm``)."""
     return {**LRP0, "MmBackward0": Epsilon(1e-6), "AddmmBackward0": Flat()}

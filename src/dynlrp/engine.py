@@ -460,7 +460,10 @@ class LRP:
                 rels = [r]
                 empty = r is None
                 per_unit_in = type(r) is PerUnit
-            else:
+            else:  # (what is known of output 0 says nothing of the others: a split routes all)
+                ref = None
+                for k in range(1, nout):
+                    zeros_pop((i, k), None)
                 rels = [pop((i, k), None) for k in range(nout)]
                 empty = all(r is None for r in rels)
                 per_unit_in = any(type(r) is PerUnit for r in rels)
