@@ -169,6 +169,61 @@ def test_parameters_match_weights_views_and_row_blocks():
     assert params.bias_for(torch.zeros(4, 4, dtype=DT)) is None
 
 
+def test_parameters_index_is_kept_per_model_and_follows_changes():
+    """The index made for a model serves later calls on it; a bias or a module replaced since is
+    found anew, and the index keeps no model alive."""
+    import gc
+    import weakref
+
+    lin = nn.Linear(4, 3).double()
+    model = nn.ModuleList([lin])
+    assert torch.equal(Parameters(model).bias_for(lin.weight), lin.bias)
+    kept = Parameters._INDEXES[model]
+    later = Parameters(model)
+    assert torch.equal(later.bias_for(lin.weight), lin.bias) and Parameters._INDEXES[model] is kept
+    lin.bias = nn.Parameter(torch.ones(3, dtype=DT))  # a bias replaced: the index is made again
+    assert torch.equal(Parameters(model).bias_for(lin.weight), torch.ones(3, dtype=DT))
+    added = nn.Linear(4, 2).double()  # a module added since: not in the kept index, found anew
+    model.append(added)
+    assert torch.equal(Parameters(model).bias_for(added.weight), added.bias)
+    assert Parameters(model).bias_for(torch.zeros(4, 4, dtype=DT)) is None
+    gone = weakref.ref(model)
+    del model, lin, added, kept, later
+    gc.collect()
+    assert gone() is None
+
+
+class TwoNorms(nn.Module):
+    """``head(bn1(lin1(x)) + bn2(lin2(x)))``: the sum needs both norms' outputs, whose frozen
+    biases autograd never saw (a ResNet downsample add)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1, self.lin2, self.head = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(3, 2)
+        self.bn1, self.bn2 = nn.BatchNorm1d(3), nn.BatchNorm1d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn1(self.lin1(x)) + self.bn2(self.lin2(x)))
+
+
+def test_a_frozen_bias_replaced_between_calls_is_read_anew():
+    """Promise mode reads a frozen batch norm's bias from the model: after the bias is replaced,
+    the next call reads the new one (recorded mode, which sees the forward, agrees)."""
+    model = TwoNorms().double().eval().requires_grad_(False)
+    engine = dynlrp.LRP({"linear": dynlrp.rules.Epsilon(1e-6), "sum": dynlrp.rules.Epsilon(1e-6)},
+                        cache=False)
+    for bias in (None, torch.full((3,), 5.0, dtype=DT)):
+        if bias is not None:
+            model.bn1.bias = nn.Parameter(bias, requires_grad=False)
+        x = _randn(2, 4, grad=True)
+        r_promise, = engine(model(x), x, model=model)
+        assert engine.stats["promise_internal_nodes"] >= 1  # the norms replayed, with their biases
+        with dynlrp.record() as tape:
+            y = model(x)
+        r_recorded, = engine(y, x, tape=tape)
+        assert_close(r_promise, r_recorded, "relevance")
+
+
 def test_parameters_match_a_parametrized_weight():
     conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(2, 3, 3).double())
     params = Parameters(conv)

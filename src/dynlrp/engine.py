@@ -230,8 +230,7 @@ class RuleContext:
 
     def _fused_affine(self) -> ops.Affine:
         fn = self._graph.nodes[self.fused]
-        entry = ops.lookup(fn.name)
-        view = None if entry is None or entry.affine is None else entry.affine(fn.fn, 0)
+        view = fn.affine(0)
         if view is None or not view.channelwise:
             raise LRPError(f"{fn.name} can no longer be folded into {self.gn.name} (training mode?); "
                            "use a new LRP engine or `cache=False`")

@@ -18,7 +18,7 @@ import torch
 
 from .dtypes import compute_dtype
 from .errors import GraphError
-from .ops import OpEntry, lookup
+from .ops import Affine, OpEntry, lookup
 from .saved import decode_metas, node_facts, node_name
 
 Edge = tuple[int, int]  # (node index, output index)
@@ -35,7 +35,7 @@ class GNode:
     the dtype relevance is carried in there (:meth:`relevance_edges`)."""
 
     __slots__ = ("fn", "name", "index", "inputs", "consumers", "reaches", "is_leaf", "num_outputs",
-                 "num_inputs", "graph_inputs", "reaching", "_raw", "_meta", "_edges", "_entry")
+                 "num_inputs", "graph_inputs", "reaching", "_raw", "_meta", "_edges", "_entry", "_affine")
 
     def __init__(self, fn: Any, name: str, index: int, is_leaf: bool = False, outputs: int = 1,
                  raw: tuple | None = None) -> None:
@@ -54,6 +54,7 @@ class GNode:
         self._meta: list | None = None
         self._edges: tuple | None = None
         self._entry: Any = _UNSET
+        self._affine: dict[int, Any] | None = None
 
     @property
     def entry(self) -> OpEntry | None:
@@ -63,6 +64,23 @@ class GNode:
         if entry is _UNSET:
             entry = self._entry = lookup(self.name)
         return entry
+
+    def affine(self, slot: int) -> Affine | None:
+        """The op as an affine map of input ``slot`` (its entry's ``affine`` view), or None. A
+        channel-wise view (a batch norm's: it computes the per-channel scale and shift) is made
+        once -- a rule set asks while it plans folds, the engine again when it folds; other views
+        are not kept (one holds its weight, which for a product of two activations is an
+        activation the traversal frees)."""
+        views = self._affine
+        if views is not None and slot in views:
+            return views[slot]
+        entry = self.entry
+        view = None if entry is None or entry.affine is None else entry.affine(self.fn, slot)
+        if view is not None and view.channelwise:
+            if views is None:
+                views = self._affine = {}
+            views[slot] = view
+        return view
 
     def meta(self, k: int = 0) -> tuple[torch.Size, torch.dtype, torch.device]:
         """Shape, dtype and device of forward output ``k`` (read once, then cached)."""

@@ -302,7 +302,7 @@ def _find_folds(graph: Any, view: _GraphView) -> None:
         if (slot != 0 or (i, 0) in targets or bn_entry is None or bn_entry.affine is None
                 or len(reaching) != 1 or _reaching_slots(graph, bn) != (0,)):
             continue
-        channel = bn_entry.affine(bn.fn, 0)
+        channel = bn.affine(0)
         own = entry.affine(gn.fn, reaching[0])
         if channel is None or not channel.channelwise or own is None or own.scale_out is None:
             continue

@@ -8,6 +8,7 @@ saved) and :class:`dynlrp.record.TapeResolver` (recorded mode: from the tape).
 from __future__ import annotations
 
 import math
+import weakref
 from collections import deque
 from collections.abc import Sequence
 
@@ -384,30 +385,49 @@ class Parameters:
       same rows of the bias;
     * the weight is computed from the module's parameters on every call (a parametrization
       such as weight normalisation): the module whose computed weight equals it.
+
+    The index of a model's parameters is built on the first request and kept for later calls
+    on the same model (a model of ResNet-50's size takes milliseconds to index); every answer
+    is checked against the module it came from, and the index is built afresh where a module
+    no longer holds what it held, or where a weight is not found in an index made by an earlier
+    call (a module added since).
     """
 
     #: (weight attribute, bias attribute) pairs a module may hold.
     PAIRS = (("weight", "bias"), ("in_proj_weight", "in_proj_bias"))
+    #: model -> its index, kept for later calls: (by storage, computed weights)
+    _INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._model = model
-        self._by_storage: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        self._computed: list[tuple[torch.nn.Module, str, str]] = []
-        self._indexed = False  # the index is built on the first request: most calls make none
+        self._by_storage: dict[int, list[tuple]] = {}
+        self._computed: list[tuple] = []
+        self._indexed = False  # the index is looked up on the first request: most calls make none
+        self._fresh = False  # the index was built by this call
 
-    def _index(self) -> None:
+    def _index(self, fresh: bool = False) -> None:
         from torch.nn.utils import parametrize
 
         self._indexed = True
+        known = None if fresh else self._INDEXES.get(self._model)
+        if known is not None:
+            self._by_storage, self._computed = known
+            return
+        self._fresh = True
+        by_storage: dict[int, list[tuple]] = {}
+        computed: list[tuple] = []
         for module in self._model.modules():
             for w_name, b_name in self.PAIRS:
                 if parametrize.is_parametrized(module, w_name):
-                    self._computed.append((module, w_name, b_name))
+                    computed.append((weakref.ref(module), w_name, b_name))
                     continue
                 weight, bias = getattr(module, w_name, None), getattr(module, b_name, None)
                 if isinstance(weight, torch.Tensor) and weight.numel() and isinstance(bias, torch.Tensor):
-                    key = weight.untyped_storage().data_ptr()
-                    self._by_storage.setdefault(key, []).append((weight, bias))
+                    key = weight.untyped_storage().data_ptr()  # (modules by weak reference: the
+                    # index, kept while the model lives, must not keep the model alive)
+                    by_storage.setdefault(key, []).append((weight, bias, weakref.ref(module), w_name, b_name))
+        self._by_storage, self._computed = by_storage, computed
+        self._INDEXES[self._model] = (by_storage, computed)
 
     def bias_for(self, owner: torch.Tensor | None) -> torch.Tensor | None:
         """The bias that goes with weight ``owner`` (a module's weight, a view of it, or a block
@@ -416,13 +436,26 @@ class Parameters:
             return None
         if not self._indexed:
             self._index()
-        for weight, bias in self._by_storage.get(owner.untyped_storage().data_ptr(), ()):
+        found = self._lookup(owner)
+        if found is _STALE or (found is None and not self._fresh):
+            self._index(fresh=True)  # (an index of an earlier call that no longer holds)
+            found = self._lookup(owner)
+        return None if found is _STALE else found
+
+    def _lookup(self, owner: torch.Tensor) -> object:
+        """``bias_for`` in the current index: the bias, None, or ``_STALE`` (a module changed)."""
+        candidates = self._by_storage.get(owner.untyped_storage().data_ptr(), ())
+        for weight, bias, module_ref, w_name, b_name in candidates:
+            module = module_ref()
+            if getattr(module, w_name, None) is not weight or getattr(module, b_name, None) is not bias:
+                return _STALE
             if owner.data_ptr() == weight.data_ptr() and owner.numel() == weight.numel():
                 return bias.detach()  # the weight itself, or a transposed or reshaped view
             rows = _row_block(owner, weight)
             if rows is not None and bias.shape[:1] == weight.shape[:1]:
                 return bias.detach()[rows]
-        for module, w_name, b_name in self._computed:
+        for module_ref, w_name, b_name in self._computed:
+            module = module_ref()
             bias = getattr(module, b_name, None)
             if not isinstance(bias, torch.Tensor):
                 continue
@@ -431,6 +464,9 @@ class Parameters:
             if weight.shape == owner.shape and torch.equal(weight, owner):
                 return bias.detach()
         return None
+
+
+_STALE = object()
 
 
 def _row_block(view: torch.Tensor, weight: torch.Tensor) -> slice | None:
