@@ -420,6 +420,30 @@ def test_rules_declare_what_they_pass_on():
     assert rules.Rule().vanishes(None) is None  # a rule that says nothing
 
 
+def test_a_subclass_that_changes_the_rule_inherits_no_declaration():
+    """The engine trusts ``vanishes`` only from the class that defines ``__call__`` (or below):
+    a user's subclass of Epsilon with its own ``__call__`` says nothing until it says so."""
+
+    class Spread(rules.Epsilon):  # relevance for every input, zero or not
+        def __call__(self, ctx):
+            return [None if i not in ctx.reaching else torch.full(ctx.input_shape(i), 1.0, dtype=DT)
+                    for i in range(ctx.num_inputs)]
+
+    class Declared(Spread):
+        def vanishes(self, ctx):
+            return None
+
+    class Tuned(rules.Epsilon):  # the same rule, another stabiliser: the declaration holds
+        def __init__(self) -> None:
+            super().__init__(0.5)
+
+    assert rules.vanishes_of(Spread(), None) is None
+    assert rules.vanishes_of(Declared(), None) is None
+    assert rules.vanishes_of(Tuned(), None) == "inputs"
+    assert rules.vanishes_of(rules.ZPlus(), None) == "inputs"
+    assert rules.vanishes_of(rules.Folded(Spread(), 0), None) is None
+
+
 # -- validation and errors ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("alpha,beta", [(1.5, 1.0), (2.0, 0.0), (-1.0, -2.0), (0.5, -0.5)])

@@ -45,7 +45,7 @@ from .ops.common import scalar
 from .plan import Plan, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
-from .rules import linear_in
+from .rules import linear_in, vanishes_of
 from .saved import apply_node, consume, consumed, consumed_error
 from .values import Parameters, Resolver
 
@@ -487,7 +487,7 @@ class LRP:
             if not per_unit_in:
                 ctx.zeros_of = ref
             out, units = apply(rule, ctx, gn, check_each, per_unit)
-            vanishes = None if per_unit_in else rule.vanishes(ctx)
+            vanishes = None if per_unit_in else vanishes_of(rule, ctx)
             received = rels[0].shape
             if extras is not None:  # ordinary relevance routed alongside the per-unit part
                 ctx = RuleContext(gn, entry, graph, _filled(gn, extras), resolver, rule.fused)

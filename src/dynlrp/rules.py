@@ -246,7 +246,10 @@ class Rule:
     fused: int | None = None
 
     def vanishes(self, ctx: RuleContext) -> str | None:
-        """Where the relevance this rule gives each input is 0 whatever the numbers:
+        """Where the relevance this rule gives each input is 0 whatever the numbers (the engine
+        asks :func:`vanishes_of`, which trusts a declaration only from the class that defines
+        ``__call__`` or one below it: a subclass that changes the rule says nothing until it says
+        so itself):
 
         * ``"inputs"``: wherever that input's forward value is 0 (``R_i = v_i * H_i``, the
           epsilon family and the rules that modify weights);
@@ -420,6 +423,23 @@ class Identity(Rule):
             r = sum_to(ctx.relevance, ctx.input_shape(i))
             out[i] = r / n if n > 1 else r
         return out
+
+
+_DECLARES: dict[type, bool] = {}
+
+
+def vanishes_of(rule: Rule, ctx: RuleContext) -> str | None:
+    """``rule.vanishes(ctx)`` where the class that declares it is the one that defines the rule's
+    ``__call__`` or a subclass of it; None where a subclass changed ``__call__`` and inherited a
+    declaration made for another rule."""
+    cls = type(rule)
+    trusted = _DECLARES.get(cls)
+    if trusted is None:
+        mro = cls.__mro__
+        calls = next(i for i, c in enumerate(mro) if "__call__" in vars(c))
+        says = next(i for i, c in enumerate(mro) if "vanishes" in vars(c))
+        trusted = _DECLARES[cls] = says <= calls
+    return rule.vanishes(ctx) if trusted else None
 
 
 def _moves_values(ctx: RuleContext) -> bool:
@@ -795,7 +815,7 @@ class Folded(Rule):
         return self.rule.factors(ctx)
 
     def vanishes(self, ctx: RuleContext) -> str | None:
-        return self.rule.vanishes(ctx)
+        return vanishes_of(self.rule, ctx)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         return self.rule(ctx)
