@@ -211,6 +211,21 @@ def test_backward_still_works_after_lrp_with_retain_graph():
     torch.testing.assert_close(weight_grad, model[0].weight.grad)
 
 
+def test_saved_tensors_are_untouched_by_in_place_work():
+    """Frozen model, epsilon with batch norms folded: convolution outputs are read from the
+    ReLUs' saved outputs and products are written in place -- never into what autograd saved:
+    a backward pass after the explanation gives the gradient of a fresh forward."""
+    model = randomize_affine(CNN(bias=True)).eval().requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    y = model(x)
+    engine = dynlrp.LRP("epsilon")
+    engine(y, x, retain_graph=True, model=model)
+    assert engine.stats["clipped_values"] >= 1
+    grad, = torch.autograd.grad(y.sum(), x)
+    fresh, = torch.autograd.grad(model(x).sum(), x)
+    assert torch.equal(grad, fresh)
+
+
 # --- typed errors ------------------------------------------------------------------------------
 
 

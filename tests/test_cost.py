@@ -213,13 +213,15 @@ def _random_batch_norms(model: nn.Module) -> nn.Module:
     ("opaque", "epsilon", 1),  # an op without entry after the second ReLU: nothing is known
     # of the relevance it routes, so the second conv's output is tested; the first one's is not
 ])
-def test_a_layer_output_seen_through_its_relu_needs_no_test(resolvers, kind, rules, clipped):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_a_layer_output_seen_through_its_relu_needs_no_test(resolvers, kind, rules, clipped, dtype):
     """Where the rules above a ReLU give no relevance where its output is 0, the output of the
     layer before it is read from the ReLU's saved result as it is, with no mask and no test
-    (``clipped_values``), and the relevance equals recorded mode's."""
+    (``clipped_values``), and the relevance equals recorded mode's (in float16 too: the
+    stabiliser then works on a float32 copy, never on the saved output)."""
     torch.manual_seed(2)
-    model = _random_batch_norms(Plain(kind))
-    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    model = _random_batch_norms(Plain(kind)).to(dtype)
+    x = torch.randn(2, 3, 8, 8, dtype=dtype, requires_grad=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (the fallback warns about the op without entry)
         out = promise_and_recorded(model, x, rules, resolvers, fallback="gradient")
