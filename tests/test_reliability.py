@@ -294,6 +294,9 @@ def test_the_stabiliser_signs_both_zeros_plus():
         assert torch.equal(got[:-1], (z + 1e-6 * sign)[:-1]), dtype
         eps = torch.tensor(1e-6, dtype=dtype).item()
         assert got[:2].tolist() == [eps, eps] and torch.isnan(got[-1])
+        # where the relevance is 0 at z's zeros (zeros_idle), -0.0 may take -eps: all else equal
+        idle = stabilize(z, 1e-6, zeros_idle=True)
+        assert torch.equal(idle[1:-1], got[1:-1]) and idle[0].abs().item() == eps
 
 
 def test_half_relevance_from_many_consumers_is_summed_in_float32():

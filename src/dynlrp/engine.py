@@ -130,6 +130,13 @@ class RuleContext:
         return (v if v.exact else self.exact_value("out")).tensor
 
     @property
+    def relevance_vanishes_with_output(self) -> bool:
+        """Whether the relevance received is 0 wherever the output value is 0 (the rules upstream
+        say so: :meth:`~dynlrp.rules.Rule.vanishes`)."""
+        zeros = self.zeros_of
+        return zeros is not None and zeros == (self.gn.index if self.fused is None else self.fused, 0)
+
+    @property
     def output_nonnegative(self) -> bool:
         """Whether the output value the rule got has no negative entry (a stabiliser then needs
         no sign test); asked after :attr:`output`."""

@@ -36,7 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .ops import Affine
 
 
-def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: bool = False) -> torch.Tensor:
+def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: bool = False,
+              zeros_idle: bool = False) -> torch.Tensor:
     """The epsilon stabiliser of paper Eq. 4, ``z + eps * sign(z)`` with ``sign(0) = +1``,
     scaled to the dtype ``d`` that ``z`` was computed in.
 
@@ -71,6 +72,10 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: boo
     owned
         ``z`` is a temporary of the caller's, which it may overwrite: with ``nonnegative`` and
         ``z`` already in the compute dtype, the result is written into ``z``.
+    zeros_idle
+        The relevance to be divided is 0 wherever ``z`` is 0 (the engine knows it from the rules:
+        :meth:`Rule.vanishes`), so the sign a zero gets changes nothing but the sign of a zero
+        quotient: ``-0.0`` may take ``-eps``, which saves a pass.
 
     Returns
     -------
@@ -98,6 +103,8 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: boo
         # z + copysign(eps, z + 0) -- the same sums as z + where(z >= 0, eps, -eps) (z + 0 makes
         # -0.0 into +0.0, so sign(-0.0) = +1 too) in three fast kernels; on the CPU `where` and
         # `masked_fill` take about five times as long as all three (they read a boolean mask)
+        if zeros_idle:
+            return torch.copysign(pos, z).add_(z)
         den = z.add(zero)
         return torch.copysign(pos, den, out=den).add_(z)
     return torch.where(z >= 0, (z + eps).clamp(min=tiny), (z - eps).clamp(max=-tiny))
@@ -108,7 +115,7 @@ _STABILIZERS: dict[tuple, tuple] = {}
 
 
 def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = False,
-           owned: bool = False) -> torch.Tensor:
+           owned: bool = False, zeros_idle: bool = False) -> torch.Tensor:
     """``r / stab(z)`` (:func:`stabilize`): relevance per unit of the stabilised denominator, the
     ``s`` of paper Eq. 4. The quotient is written into the denominator's new tensor when the shapes
     and dtypes allow, so it costs one allocation, not two; with ``owned`` (``z`` is the caller's
@@ -116,13 +123,14 @@ def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = Fal
     (where reading a number back costs no device sync), ``r / z`` at once when ``z`` has no zero:
     ``r / 0`` is infinite or NaN, so a finite sum of the quotients says so (a sum is one fast pass,
     about a fifth of the quotient's time and a seventh of a count of zeros; a sum that is not
-    finite for any other reason only takes the general path, which gives the same numbers)."""
+    finite for any other reason only takes the general path, which gives the same numbers).
+    ``zeros_idle``: ``r`` is 0 wherever ``z`` is (:func:`stabilize`)."""
     if eps == 0 and not nonnegative and z.device.type == "cpu" and compute_dtype(z.dtype) == z.dtype:
         quotient = r / z
         if math.isfinite(quotient.sum()):
             return quotient
         del quotient
-    den = stabilize(z, eps, nonnegative, owned)
+    den = stabilize(z, eps, nonnegative, owned, zeros_idle)
     if den.shape == r.shape and den.dtype == r.dtype and den.device == r.device:
         return torch.div(r, den, out=den)
     return r / den
@@ -306,7 +314,8 @@ class Epsilon(Rule):
         if rows is not None:
             return _only(ctx, ctx.data_slot, _epsilon_rows(ctx, rows, self.eps))
         z = ctx.output
-        s = divide(ctx.relevance, z, self.eps, nonnegative=ctx.output_nonnegative)
+        s = divide(ctx.relevance, z, self.eps, nonnegative=ctx.output_nonnegative,
+                   zeros_idle=ctx.relevance_vanishes_with_output)
         grads = ctx.vjp(s, owned=True)
         share = 1.0 / max(len(ctx.reaching), 1) if ctx.kind != "sum" else 1.0
         return _only_slots(ctx, _inputs_times(ctx, grads, ctx.reaching, share, scratch=s))
