@@ -229,6 +229,23 @@ def test_a_layer_output_seen_through_its_relu_needs_no_test(resolvers, kind, rul
     assert_close(out["promise"], out["recorded"])
 
 
+@pytest.mark.parametrize("kind", ["vgg", "resnet"])
+def test_a_cached_plan_reads_the_relu_outputs_too(kind):
+    """Later calls of one engine follow its plan (paper 4.4.1) and read the layers' outputs
+    from the ReLUs the same way, on new inputs: relevance equals recorded mode's each time."""
+    torch.manual_seed(2)
+    model = _random_batch_norms(Plain(kind))
+    engine = dynlrp.LRP("epsilon")
+    for call in range(3):
+        x = torch.randn(2, 3, 8, 8, requires_grad=True)
+        with dynlrp.record() as tape:
+            y = model(x)
+        r_promise, = engine(y, x, retain_graph=True, model=model)
+        assert engine.stats["cached_plan"] == (call > 0) and not engine.stats["replanned"]
+        r_recorded, = dynlrp.LRP("epsilon")(y, x, tape=tape)
+        assert_close(r_promise, r_recorded)
+
+
 class Split(nn.Module):
     """``lin2(a) + lin3(b)`` for ``a, b = relu(lin1(x)).split(4)``: one ReLU, two consumers."""
 
