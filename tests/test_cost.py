@@ -246,18 +246,15 @@ def test_a_cached_plan_reads_the_relu_outputs_too(kind):
         assert_close(r_promise, r_recorded)
 
 
-class Split(nn.Module):
-    """``lin2(a) + lin3(b)`` for ``a, b = relu(lin1(x)).split(4)``: one ReLU, two consumers."""
+class Split(nn.ModuleList):
+    """``[1](a) + [2](b)`` for ``a, b = relu([0](x)).split(4)``: one ReLU, two consumers."""
 
     def __init__(self) -> None:
-        super().__init__()
-        self.lin1 = nn.Linear(6, 8, bias=False)
-        self.lin2 = nn.Linear(4, 3, bias=False)
-        self.lin3 = nn.Linear(4, 3)
+        super().__init__([nn.Linear(6, 8, bias=False), nn.Linear(4, 3, bias=False), nn.Linear(4, 3)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = torch.relu(self.lin1(x)).split(4, 1)
-        return self.lin2(a) + self.lin3(b)
+        a, b = torch.relu(self[0](x)).split(4, 1)
+        return self[1](a) + self[2](b)
 
 
 def test_what_is_known_of_one_output_of_a_split_says_nothing_of_the_others(resolvers):
@@ -267,7 +264,7 @@ def test_what_is_known_of_one_output_of_a_split_says_nothing_of_the_others(resol
     torch.manual_seed(6)
     model = Split().requires_grad_(False)
     x = torch.randn(5, 6, requires_grad=True)
-    assert (torch.relu(model.lin1(x))[:, 4:] == 0).any()  # the case this test is about
+    assert (torch.relu(model[0](x))[:, 4:] == 0).any()  # the case this test is about
     rules = {"MmBackward0": Epsilon(1e-6), "AddmmBackward0": Flat(), "sum": Epsilon(1e-6)}
     out = promise_and_recorded(model, x, rules, resolvers, rebuild_costly=True)
     assert_close(out["promise"], out["recorded"])
