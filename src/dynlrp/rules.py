@@ -30,6 +30,7 @@ import torch
 from torch.autograd.graph import get_gradient_edge
 
 from .dtypes import compute_dtype
+from .ops.common import scalar
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine import RuleContext
@@ -88,17 +89,18 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: boo
     how = _STABILIZERS.get(key)
     if how is None:
         c, tiny = compute_dtype(dtype), torch.finfo(dtype).tiny
-        how = (c, tiny, eps >= tiny, _constants(z.to(c) if dtype != c else z, eps))
+        zc = z.to(c) if dtype != c else z  # (0 and eps, or 0 and 1 for eps = 0, as 0-d tensors)
+        how = (c, tiny, eps >= tiny, scalar(0.0, zc), scalar(eps if eps != 0 else 1.0, zc))
         if len(_STABILIZERS) < 256:
             _STABILIZERS[key] = how
-    c, tiny, textbook, (zero, pos, neg) = how
+    c, tiny, textbook, zero, pos = how
     if dtype != c:
         z = z.to(c)
     if nonnegative and eps > 0:
         den = z.add_(eps) if owned or dtype != c else z + eps  # (z.to(c) is a new tensor too)
         return den if eps >= tiny else den.clamp_(min=tiny)
     if eps == 0:
-        return torch.where(z.eq(zero), pos, z)  # (0, 1, -1): zeros become ones
+        return torch.where(z.eq(zero), pos, z)  # (pos is 1 here): zeros become ones
     if textbook:  # float32 and float64 with any usual eps: the textbook formula, as
         # z + copysign(eps, z + 0) -- the same sums as z + where(z >= 0, eps, -eps) (z + 0 makes
         # -0.0 into +0.0, so sign(-0.0) = +1 too) in three fast kernels; on the CPU `where` and
@@ -110,7 +112,7 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: boo
     return torch.where(z >= 0, (z + eps).clamp(min=tiny), (z - eps).clamp(max=-tiny))
 
 
-# (dtype, device, eps) -> (compute dtype, tiny, eps >= tiny, constants): what stabilize works out once
+# (dtype, device, eps) -> (compute dtype, tiny, eps >= tiny, 0, eps or 1): what stabilize works out once
 _STABILIZERS: dict[tuple, tuple] = {}
 
 
@@ -134,23 +136,6 @@ def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = Fal
     if den.shape == r.shape and den.dtype == r.dtype and den.device == r.device:
         return torch.div(r, den, out=den)
     return r / den
-
-
-_CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def _constants(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(0, eps, -eps)`` as 0-d tensors of ``z``'s dtype and device, or ``(0, 1, -1)`` for
-    ``eps = 0``: made once (a Python scalar costs a tensor per operation, and dominates the
-    time of an operation on small tensors)."""
-    key = (z.dtype, z.device, eps)
-    found = _CONSTANTS.get(key)
-    if found is None:
-        value = eps if eps != 0 else 1.0
-        found = tuple(torch.tensor(v, dtype=z.dtype, device=z.device) for v in (0.0, value, -value))
-        if len(_CONSTANTS) < 256:
-            _CONSTANTS[key] = found
-    return found
 
 
 def linear_in(dtypes: torch.dtype | Sequence[torch.dtype], fn: Callable[..., Any], grads: Sequence) -> tuple:
