@@ -88,26 +88,28 @@ class RuleContext:
             values[slot] = v
         return v
 
+    @property
+    def _out_edge(self) -> tuple[int, int]:
+        """The edge whose value the rule sees as its output: with canonization, the folded map's."""
+        return (self.gn.index if self.fused is None else self.fused, 0)
+
     def value_of_output(self) -> Value:
         values = self._values
         v = values.get("out")
         if v is None:
-            node = self.gn.index if self.fused is None else self.fused
+            edge = self._out_edge
             resolver = self._resolver
-            v = resolver.memo.get((node, 0))
+            v = resolver.memo.get(edge)
             if v is None and self.zeros_of is not None:  # (a ReLU's output, free, before a replay)
-                v = resolver.seen_through((node, 0), self.zeros_of[0])
+                v = resolver.seen_through(edge, self.zeros_of[0])
             if v is None:
-                v = resolver.output(node, 0)
+                v = resolver.output(*edge)
             values["out"] = v
         return v
 
     def exact_value(self, key: int | str) -> Value:
         """Input ``key`` (or the output, ``"out"``) known everywhere, even at a recomputation's cost."""
-        if key == "out":
-            edge = (self.gn.index if self.fused is None else self.fused, 0)
-        else:
-            edge = self.gn.inputs[key]
+        edge = self._out_edge if key == "out" else self.gn.inputs[key]
         v = self._values[key] = self._resolver.exact(edge, self.gn.index)
         return v
 
@@ -133,8 +135,7 @@ class RuleContext:
     def relevance_vanishes_with_output(self) -> bool:
         """Whether the relevance received is 0 wherever the output value is 0 (the rules upstream
         say so: :meth:`~dynlrp.rules.Rule.vanishes`)."""
-        zeros = self.zeros_of
-        return zeros is not None and zeros == (self.gn.index if self.fused is None else self.fused, 0)
+        return self.zeros_of is not None and self.zeros_of == self._out_edge
 
     @property
     def output_nonnegative(self) -> bool:
@@ -160,7 +161,7 @@ class RuleContext:
             if owned and g.dim() >= 2 and w.dim() == 1 and torch.result_type(g, w) == g.dtype:
                 scaled = g.mul_(w.reshape([1, -1] + [1] * (g.dim() - 2)))
             else:
-                scaled = fused.linear(g, fused.weight)
+                scaled = fused.linear(g, w)
             grads = [scaled, *grads[1:]]
         gn = self.gn
         if len(grads) == 1:
