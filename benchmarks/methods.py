@@ -28,6 +28,7 @@ name                      what one run does
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -125,7 +126,7 @@ def _engine_call(p: Problem) -> tuple[Callable[..., Any], dict[str, Any]]:
 
 def dynlrp_epsilon(p: Problem) -> Method:
     """dynlrp promise mode, first call of a fresh engine, with the ``epsilon`` preset."""
-    method = dynlrp_promise(Problem(p.name, p.model, p.x, p.forward, {**p.extra, "rules": "epsilon"}))
+    method = dynlrp_promise(dataclasses.replace(p, extra={**p.extra, "rules": "epsilon"}))
     method.name = "dynlrp_epsilon"
     return method
 
