@@ -156,7 +156,7 @@ class RuleContext:
         ``owned``, ``grads[0]`` is the caller's temporary, which a folded channel-wise map scales
         in place (``x * weight[c]`` per channel of dim 1, as :class:`~dynlrp.ops.Affine` says)."""
         if self.fused is not None:  # a channel-wise map is diagonal: it is its own adjoint
-            fused = self._fused_affine()
+            fused = self._fused_affine(bias=False)
             g, w = grads[0], fused.weight
             if owned and g.dim() >= 2 and w.dim() == 1 and torch.result_type(g, w) == g.dtype:
                 scaled = g.mul_(w.reshape([1, -1] + [1] * (g.dim() - 2)))
@@ -236,13 +236,15 @@ class RuleContext:
         return dataclasses.replace(view, bias=view.place_bias(bias), bias_known=True,
                                    params=(*view.params, bias), place_bias=None)
 
-    def _fused_affine(self) -> ops.Affine:
+    def _fused_affine(self, bias: bool = True) -> ops.Affine:
+        """The channel-wise map folded into this op; ``bias=False``: its weight is all the caller
+        reads (the adjoint), so a frozen bias is not looked up in the model."""
         fn = self._graph.nodes[self.fused]
         view = fn.affine(0)
         if view is None or not view.channelwise:
             raise LRPError(f"{fn.name} can no longer be folded into {self.gn.name} (training mode?); "
                            "use a new LRP engine or `cache=False`")
-        return self._with_bias(view)
+        return self._with_bias(view) if bias else view
 
 
 def _as_tuple(x: Any, what: str) -> tuple:

@@ -96,8 +96,8 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: boo
     c, tiny, textbook, zero, pos = how
     if dtype != c:
         z = z.to(c)
-    if nonnegative and eps > 0:
-        den = z.add_(eps) if owned or dtype != c else z + eps  # (z.to(c) is a new tensor too)
+    if nonnegative and eps > 0:  # (pos: eps as a 0-d tensor, which adds in half the time of a number)
+        den = z.add_(pos) if owned or dtype != c else z + pos  # (z.to(c) is a new tensor too)
         return den if eps >= tiny else den.clamp_(min=tiny)
     if eps == 0:
         return torch.where(z.eq(zero), pos, z)  # (pos is 1 here): zeros become ones
@@ -116,6 +116,9 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: boo
 _STABILIZERS: dict[tuple, tuple] = {}
 
 
+_WIDE = frozenset({torch.float32, torch.float64})  # (their own compute dtype: see divide)
+
+
 def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = False,
            owned: bool = False, zeros_idle: bool = False) -> torch.Tensor:
     """``r / stab(z)`` (:func:`stabilize`): relevance per unit of the stabilised denominator, the
@@ -127,7 +130,7 @@ def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = Fal
     about a fifth of the quotient's time and a seventh of a count of zeros; a sum that is not
     finite for any other reason only takes the general path, which gives the same numbers).
     ``zeros_idle``: ``r`` is 0 wherever ``z`` is (:func:`stabilize`)."""
-    if eps == 0 and not nonnegative and z.device.type == "cpu" and compute_dtype(z.dtype) == z.dtype:
+    if eps == 0 and not nonnegative and z.is_cpu and z.dtype in _WIDE:
         quotient = r / z
         if math.isfinite(quotient.sum()):
             return quotient

@@ -211,8 +211,13 @@ class Resolver:
         if gn.is_leaf:
             return False
         big = self._big
-        return (any(big(i)) or any(e is not None and big(e[0])[e[1]] for e in gn.inputs)) \
-            and bool(self._weighs(i))
+        if True not in big(i):  # (loops, not generators: this runs once per node of every call)
+            for e in gn.inputs:
+                if e is not None and big(e[0])[e[1]]:
+                    break
+            else:
+                return False
+        return bool(self._weighs(i))
 
     def _big(self, i: int) -> tuple[bool, ...]:
         """Per output of node ``i``, whether it holds :data:`RELEASE_MIN` elements or more (worked
@@ -220,8 +225,9 @@ class Resolver:
         known = self._large[i]
         if known is None:
             gn = self.graph.nodes[i]
-            known = self._large[i] = tuple(math.prod(gn.meta(k)[0]) >= RELEASE_MIN
-                                           for k in range(gn.num_outputs))
+            meta, n = gn.meta, gn.num_outputs
+            known = self._large[i] = ((math.prod(meta(0)[0]) >= RELEASE_MIN,) if n == 1 else
+                                      tuple([math.prod(meta(k)[0]) >= RELEASE_MIN for k in range(n)]))
         return known
 
     def _weighs(self, x: int) -> int:
