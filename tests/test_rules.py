@@ -444,6 +444,42 @@ def test_a_subclass_that_changes_the_rule_inherits_no_declaration():
     assert rules.vanishes_of(rules.Folded(Spread(), 0), None) is None
 
 
+def test_the_identity_moves_relevance_without_being_called_and_a_subclass_is_called():
+    """The engine hands relevance past a rule that declares it ``passes`` (the identity, shapes
+    unchanged) without calling it -- the same numbers; a subclass with its own ``__call__``
+    inherits no such declaration and is called."""
+    calls = []
+
+    class Counted(rules.Identity):  # the identity, called: counts the nodes it runs at
+        def __call__(self, ctx):
+            calls.append(ctx.gn.name)
+            return super().__call__(ctx)
+
+    class Doubled(rules.Identity):  # another rule: relevance twice as large
+        def __call__(self, ctx):
+            return [None if r is None else 2 * r for r in super().__call__(ctx)]
+
+    assert rules.passes_of(rules.Identity()) and not rules.passes_of(Counted())
+    assert not rules.passes_of(rules.Epsilon()) and not rules.passes_of(rules.Folded(rules.Identity(), 0))
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 4).to(DT).requires_grad_(False)
+    bias = torch.randn(1, 4, dtype=DT)
+
+    def f(x):  # tanh: shapes unchanged; * bias: a constant operand; relu: the top
+        return lin(torch.tanh(lin(x)) * bias).relu()
+
+    def explain(elementwise, product):
+        x = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        seed = torch.randn(3, 4, dtype=DT, generator=torch.Generator().manual_seed(2))
+        r, = dynlrp.lrp(f(x), x, seed, rules={"elementwise": elementwise, "product": product}, model=lin)
+        return r
+
+    fast = explain(rules.Identity(), rules.Identity())
+    called = explain(Counted(), Counted())
+    assert torch.equal(fast, called) and sorted(calls) == ["MulBackward0", "ReluBackward0", "TanhBackward0"]
+    torch.testing.assert_close(explain(Doubled(), rules.Identity()), 4 * fast)  # (relu and tanh: twice each)
+
+
 # -- validation and errors ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("alpha,beta", [(1.5, 1.0), (2.0, 0.0), (-1.0, -2.0), (0.5, -0.5)])

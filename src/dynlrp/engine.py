@@ -45,7 +45,7 @@ from .ops.common import scalar
 from .plan import Plan, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
-from .rules import linear_in, vanishes_of
+from .rules import linear_in, passes_of, vanishes_of
 from .saved import apply_node, consume, consumed, consumed_error
 from .values import Parameters, Resolver
 
@@ -456,6 +456,7 @@ class LRP:
         pop, get = pending.pop, pending.get
         rule_at = self.rules.rule_at
         apply = self._apply
+        passes = passes_of
         # Per edge with pending relevance: an edge whose forward value is 0 wherever that
         # relevance is (Rule.vanishes; absent: nothing known). Carried like the relevance.
         zeros: dict[tuple[int, int], tuple[int, int]] = {}
@@ -489,29 +490,38 @@ class LRP:
             if rule is None:
                 rule = rules[i] = rule_at(graph, gn, entry)
             per_unit, extras, plain = None, None, None
-            if per_unit_in:
-                rels, extras, per_unit = _per_unit_in(rule, gn, entry, graph, rels, resolver)
-            if nout != 1 or rels[0] is None:
-                rels = _filled(gn, rels)
-            ctx = RuleContext(gn, entry, graph, rels, resolver, rule.fused)
-            if not per_unit_in:
-                ctx.zeros_of = ref
-            out, units = apply(rule, ctx, gn, check_each, per_unit)
-            vanishes = None if per_unit_in else vanishes_of(rule, ctx)
-            received = rels[0].shape
-            if extras is not None:  # ordinary relevance routed alongside the per-unit part
-                ctx = RuleContext(gn, entry, graph, _filled(gn, extras), resolver, rule.fused)
-                plain, _ = apply(rule, ctx, gn, check_each)
+            edges = gn.relevance_edges(nodes)  # the inputs that lead to a requested input
+            if (nout == 1 and len(edges) == 1 and not per_unit_in and not check_each and r is not None
+                    and passes(rule) and r.shape == nodes[edges[0][1][0]].meta(edges[0][1][1])[0]):
+                # the identity, shapes unchanged: the relevance moves on as it is (Rule.passes)
+                out, units, vanishes, partial = [None] * edges[0][0] + [r], (), "output", False
+                received = r.shape
+            else:
+                if per_unit_in:
+                    rels, extras, per_unit = _per_unit_in(rule, gn, entry, graph, rels, resolver)
+                if nout != 1 or rels[0] is None:
+                    rels = _filled(gn, rels)
+                ctx = RuleContext(gn, entry, graph, rels, resolver, rule.fused)
+                if not per_unit_in:
+                    ctx.zeros_of = ref
+                out, units = apply(rule, ctx, gn, check_each, per_unit)
+                vanishes = None if per_unit_in else vanishes_of(rule, ctx)
+                partial = ctx.partial_inputs
+                received = rels[0].shape
+                if extras is not None:  # ordinary relevance routed alongside the per-unit part
+                    ctx = RuleContext(gn, entry, graph, _filled(gn, extras), resolver, rule.fused)
+                    plain, _ = apply(rule, ctx, gn, check_each)
+                del ctx
             del rels
             processed[i] = True
             n = len(out)
-            for slot, e, dtype in gn.relevance_edges(nodes):  # the inputs that lead to a requested input
+            for slot, e, dtype in edges:
                 if slot >= n or (r := out[slot]) is None:
                     continue
                 fact = None  # (see `zeros`)
                 if vanishes is not None:
                     if vanishes == "inputs":
-                        fact = None if ctx.partial_inputs else e
+                        fact = None if partial else e
                     elif vanishes == "output":
                         fact = ref if r.shape == received else None
                     elif ref == (i, 0):  # "routes"

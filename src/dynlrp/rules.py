@@ -240,6 +240,10 @@ class Rule:
     """
 
     fused: int | None = None
+    #: The rule hands the relevance it receives, unchanged, to its one input that leads to a
+    #: requested input when that input is shaped like the output (the identity): the engine then
+    #: moves it along without calling the rule. Trusted like :meth:`vanishes` (:func:`passes_of`).
+    passes: bool = False
 
     def vanishes(self, ctx: RuleContext) -> str | None:
         """Where the relevance this rule gives each input is 0 whatever the numbers (the engine
@@ -410,6 +414,8 @@ class Identity(Rule):
     inputs leading to requested inputs, each gets ``R / n`` -- AttnLRP's uniform rule for
     elementwise products of activations."""
 
+    passes = True
+
     def vanishes(self, ctx: RuleContext) -> str | None:
         return "output"
 
@@ -422,21 +428,33 @@ class Identity(Rule):
         return out
 
 
-_DECLARES: dict[type, bool] = {}
+_DECLARES: dict[tuple[type, str], bool] = {}
+
+
+def _trusted(cls: type, name: str) -> bool:
+    """Whether the class that declares ``name`` is the one that defines ``cls.__call__`` or a
+    subclass of it (worked out once per class and declaration)."""
+    key = (cls, name)
+    trusted = _DECLARES.get(key)
+    if trusted is None:
+        mro = cls.__mro__
+        calls = next(i for i, c in enumerate(mro) if "__call__" in vars(c))
+        says = next(i for i, c in enumerate(mro) if name in vars(c))
+        trusted = _DECLARES[key] = says <= calls
+    return trusted
 
 
 def vanishes_of(rule: Rule, ctx: RuleContext) -> str | None:
     """``rule.vanishes(ctx)`` where the class that declares it is the one that defines the rule's
     ``__call__`` or a subclass of it; None where a subclass changed ``__call__`` and inherited a
     declaration made for another rule."""
-    cls = type(rule)
-    trusted = _DECLARES.get(cls)
-    if trusted is None:
-        mro = cls.__mro__
-        calls = next(i for i, c in enumerate(mro) if "__call__" in vars(c))
-        says = next(i for i, c in enumerate(mro) if "vanishes" in vars(c))
-        trusted = _DECLARES[cls] = says <= calls
-    return rule.vanishes(ctx) if trusted else None
+    return rule.vanishes(ctx) if _trusted(type(rule), "vanishes") else None
+
+
+def passes_of(rule: Rule) -> bool:
+    """:attr:`Rule.passes`, trusted as :func:`vanishes_of` trusts ``vanishes`` (a subclass of
+    :class:`Identity` with its own ``__call__`` is called)."""
+    return rule.passes and _trusted(type(rule), "passes")
 
 
 def _moves_values(ctx: RuleContext) -> bool:
