@@ -145,11 +145,17 @@ def timed(fn: Callable[[Clock], Any]) -> dict[str, float]:
 
 
 class OpCounter(Clock):
-    """A :class:`Clock` that counts operators instead of seconds: ``phases`` holds, per phase,
-    how many *outermost* aten operators ran (an ``aten::mm`` inside ``aten::linear`` counts
-    once, as ``linear``; the operators autograd's engine runs for a backward node count as the
-    node's). On tiny tensors every operator costs about the same few microseconds, so the count
-    is the cost a method would have with no Python around its operators at all."""
+    """A :class:`Clock` that profiles operators instead of timing phases: ``phases`` holds, per
+    phase, how many *outermost* aten operators ran (an ``aten::mm`` inside ``aten::linear``
+    counts once, as ``linear``; the operators autograd's engine runs for a backward node count
+    as the node's), and ``seconds`` how long they ran (each outermost operator's CPU time, its
+    inner operators included, as the profiler measures it). ``seconds`` is what the phase would
+    take with nothing around its operators -- no Python, no engine -- up to the profiler's own
+    cost per operator."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: dict[str, float] = {}
 
     def __enter__(self) -> OpCounter:
         from torch.profiler import ProfilerActivity, profile
@@ -160,17 +166,20 @@ class OpCounter(Clock):
 
     def __exit__(self, *exc: Any) -> None:
         self._prof.__exit__(*exc)
-        count = sum(1 for e in self._prof.events() if e.name.startswith("aten::")
-                    and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
-        self.phases[self._name] = self.phases.get(self._name, 0) + count
+        outer = [e for e in self._prof.events() if e.name.startswith("aten::")
+                 and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+        self.phases[self._name] = self.phases.get(self._name, 0) + len(outer)
+        spent = sum(e.cpu_time_total for e in outer) / 1e6  # (microseconds in the profiler)
+        self.seconds[self._name] = self.seconds.get(self._name, 0.0) + spent
         self._prof = None
 
 
-def count_ops(fn: Callable[[Clock], Any]) -> dict[str, int]:
-    """Run ``fn(clock)`` once under an :class:`OpCounter`; its phases' operator counts."""
+def count_ops(fn: Callable[[Clock], Any]) -> tuple[dict[str, int], dict[str, float]]:
+    """Run ``fn(clock)`` once under an :class:`OpCounter`: per phase, how many outermost
+    operators ran and their seconds."""
     counter = OpCounter()
     fn(counter)
-    return dict(counter.phases)
+    return dict(counter.phases), dict(counter.seconds)
 
 
 def interleave(methods: dict[str, Callable[[Clock], Any]], repeats: int, warmup: int = 1,

@@ -80,11 +80,14 @@ def test_scaling_tiny(tmp_path):
 
 
 def test_overhead_tiny(tmp_path):
-    out = _run("overhead.py", "--nodes", "100", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path))
-    result = json.loads((tmp_path / "overhead.json").read_text())
-    assert result["autograd_nodes"] >= 90
-    assert _is_ratio(result["methods"]["dynlrp"]["explain_ratio"])
-    assert "µs / node" in out
+    out = _run("overhead.py", "--graphs", "chain", "--nodes", "100", "--repeats", "1", "--warmup", "1",
+               "--out", str(tmp_path))
+    chain = json.loads((tmp_path / "overhead.json").read_text())["graphs"]["chain"]
+    assert chain["autograd_nodes"] >= 90
+    dynlrp = chain["methods"]["dynlrp"]
+    assert _is_ratio(dynlrp["explain_ratio"]) and _is_ratio(dynlrp["alone_ratio"])
+    assert dynlrp["op_seconds"]["explain"] > 0
+    assert "µs / node" in out and "ops alone" in out
 
 
 def test_floor_tiny(tmp_path):

@@ -66,6 +66,24 @@ def test_one_row_in_eight_fully_live_is_still_taken_row_by_row(row_calls):
     assert_close(r, epsilon_reference(x.detach(), lin.weight, lin.bias, seed, 1e-6), rel=1e-10)
 
 
+@pytest.mark.parametrize("start,step,count,expect", [
+    (0, 4, 13, []),  # every live row among the probed ones: 13 of 96 rows is more than 1/8
+    (1, 4, 12, [12]),  # no live row among the probed ones: the full count decides, 12 is 1/8
+    (0, 4, 12, [12]),  # all probed and live, but 12 is 1/8: the probe cannot decide
+])
+def test_the_probe_of_every_fourth_row_decides_as_the_full_count(row_calls, start, step, count, expect):
+    """Dense relevance is told from every ROWS_PROBE-th row when those alone show more than
+    1/8 of the rows live; otherwise every row is counted, so the decision is the same."""
+    lin = nn.Linear(16, 300).requires_grad_(False).double()
+    x = torch.randn(96, 16, dtype=torch.float64, requires_grad=True)
+    y = lin(x)
+    seed = torch.zeros_like(y)
+    seed[start:start + step * count:step] = torch.rand(count, 300, dtype=torch.float64) + 0.5
+    r, = dynlrp.lrp(y, x, seed, rules={"linear": Epsilon(1e-6)})
+    assert row_calls == expect
+    assert_close(r, epsilon_reference(x.detach(), lin.weight, lin.bias, seed, 1e-6), rel=1e-10)
+
+
 def test_rows_are_not_split_when_many_carry_relevance(row_calls):
     lin = nn.Linear(8, 5).requires_grad_(False)
     x = torch.randn(80, 8, requires_grad=True)
