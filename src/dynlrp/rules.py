@@ -116,9 +116,6 @@ def stabilize(z: torch.Tensor, eps: float, nonnegative: bool = False, owned: boo
 _STABILIZERS: dict[tuple, tuple] = {}
 
 
-_WIDE = frozenset({torch.float32, torch.float64})  # (their own compute dtype: see divide)
-
-
 def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = False,
            owned: bool = False, zeros_idle: bool = False) -> torch.Tensor:
     """``r / stab(z)`` (:func:`stabilize`): relevance per unit of the stabilised denominator, the
@@ -130,7 +127,7 @@ def divide(r: torch.Tensor, z: torch.Tensor, eps: float, nonnegative: bool = Fal
     about a fifth of the quotient's time and a seventh of a count of zeros; a sum that is not
     finite for any other reason only takes the general path, which gives the same numbers).
     ``zeros_idle``: ``r`` is 0 wherever ``z`` is (:func:`stabilize`)."""
-    if eps == 0 and not nonnegative and z.is_cpu and z.dtype in _WIDE:
+    if eps == 0 and not nonnegative and z.is_cpu and compute_dtype(z.dtype) == z.dtype:
         quotient = r / z
         if math.isfinite(quotient.sum()):
             return quotient
