@@ -17,6 +17,10 @@ engine against dynlrp's Python traversal, rule dispatch and Promise System. Two 
 
 Target of the issue: dynlrp within 2x of gradient x input.
 
+On the chain a fifth method, ``hooks`` (:func:`hooks_sketch`), runs the same rules inside
+autograd's own engine: not a dynlrp mode but a measured sketch of the design that would meet
+the target, the per-node work left to C++ and only the rules' arithmetic to Python.
+
 Besides time, each method's operators are profiled once (:class:`benchutil.OpCounter`: the
 outermost aten operators of one run, forward and explanation, and the time they ran).
 ``op_ratio`` is a method's operator count over gradient x input's, forward included;
@@ -50,6 +54,7 @@ METHODS = ("grad", "dynlrp", "dynlrp_recorded", "dynlrp_cached")
 GRAPHS = ("chain", "llama")
 NODES_PER_BLOCK = 5
 SCALE = 0.97  # see the module docstring
+EPS = 1e-6  # the epsilon of dynlrp's default rule at matrix products (hooks_sketch)
 
 
 def build(nodes: int, width: int = 8, seed: int = 0):
@@ -74,6 +79,48 @@ def build(nodes: int, width: int = 8, seed: int = 0):
     return zoo.Problem(f"chain-{nodes}", model, torch.randn(1, width), model)
 
 
+def hooks_sketch(p):
+    """The chain's rules run by ``torch.autograd.grad``: a sketch of rules inside autograd's engine.
+
+    Write relevance as ``R = v * g`` at every edge (``v`` its forward value). Then in the
+    chain the identity rule at the ReLU and at the scale, and proportional sharing at the sum
+    (paper Eq. 8), are those nodes' own backward of ``g``, and the epsilon rule at a matrix
+    product (paper Eq. 4) is its backward of ``g * z / stab(z)``: LRP as a modified gradient,
+    as Zennit and LxT compute it. So one ``autograd.grad`` call, with a pre-hook on each product
+    node that scales its incoming ``g``, gives dynlrp's relevance (``x * g``; the smoke test
+    checks the two agree). The outputs ``z`` are taped by forward hooks (recorded mode's
+    source, registered and removed in each run and timed with the forward), not recovered.
+    """
+    import methods as M
+    import torch
+    from zoo import top_logit_seed
+
+    x = p.x.detach().clone().requires_grad_(True)
+    eps = torch.tensor(EPS)
+    layers = [m for m in p.model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def run(clock):
+        outputs: list = []
+        with clock("forward"):
+            taps = [m.register_forward_hook(lambda m, i, o: outputs.append(o)) for m in layers]
+            y = p.forward(x)
+            for tap in taps:
+                tap.remove()
+        with clock("explain"):
+            handles = []
+            for out in outputs:  # (the taped tensors, still in the graph: their grad_fn)
+                z = out.detach()
+                handles.append(out.grad_fn.register_prehook(
+                    lambda g, z=z: (g[0] * z / torch.copysign(eps, z).add_(z),)))
+            seed = top_logit_seed(y)
+            g, = torch.autograd.grad(y, x, (seed != 0).to(seed.dtype))  # R = y * g at the output
+            for handle in handles:
+                handle.remove()
+            return x.detach() * g
+
+    return M.Method("hooks", run)
+
+
 def build_llama(layers: int = 24, hidden: int = 32):
     """The issue's example: a Llama of ``layers`` layers of width ``hidden`` (AttnLRP rules)."""
     import zoo
@@ -91,6 +138,8 @@ def worker(args: argparse.Namespace) -> dict:
 
     p = build(args.nodes) if args.graph == "chain" else build_llama()
     ready = {name: M.make(name, p) for name in args.methods.split(",")}
+    if args.graph == "chain" and not args.no_sketch:
+        ready["hooks"] = hooks_sketch(p)
     x = p.x.clone().requires_grad_(True)
     cov = dynlrp.coverage(p.forward(x))
     samples = bu.interleave({n: m.run for n, m in ready.items()}, args.repeats, args.warmup)
@@ -98,7 +147,8 @@ def worker(args: argparse.Namespace) -> dict:
     stats = ready["dynlrp"].info.get("stats") if "dynlrp" in ready else None
     return {"samples": samples, "ops": {n: c for n, (c, _) in profiled.items()},
             "op_seconds": {n: t for n, (_, t) in profiled.items()}, "autograd_nodes": cov.total_nodes,
-            "uncovered": cov.uncovered, "stats": stats, "machine": bu.machine()}
+            "uncovered": cov.uncovered, "stats": stats, "machine": bu.machine(),
+            "relevance_sums": {n: m.relevance_sum for n, m in ready.items()}}
 
 
 def summarise(got: dict) -> dict[str, Any]:
@@ -109,6 +159,7 @@ def summarise(got: dict) -> dict[str, Any]:
     g_total = bu.median([s["total"] for s in grad])
     ops, seconds = got.get("ops", {}), got.get("op_seconds", {})
     g_ops = sum(ops.get("grad", {}).values())
+    sums = got.get("relevance_sums", {})
     for name, samples in got["samples"].items():
         explain = bu.median([s["explain"] for s in samples])
         counted, spent = ops.get(name, {}), seconds.get(name, {})
@@ -116,6 +167,7 @@ def summarise(got: dict) -> dict[str, Any]:
         if "explain" in spent and g_total:
             alone = (bu.median([s["forward"] for s in samples]) + spent["explain"]) / g_total
         out["methods"][name] = {
+            "relevance_sum": sums.get(name),
             "ops": counted,
             "op_seconds": spent,
             "op_ratio": sum(counted.values()) / g_ops if counted and g_ops else None,
@@ -132,6 +184,9 @@ def summarise(got: dict) -> dict[str, Any]:
 
 TITLES = {"chain": "the residual chain on `(1, 8)` tensors",
           "llama": "Llama, 24 layers of width 32, 8 tokens (AttnLRP)"}
+
+
+LABELS = {"hooks": "sketch: the same rules as hooks in autograd's engine"}
 
 
 def markdown(graph: str, summary: dict, target: float) -> str:
@@ -151,7 +206,8 @@ def markdown(graph: str, summary: dict, target: float) -> str:
         spent = (m.get("op_seconds") or {}).get("explain")
         alone = m.get("alone_ratio")
         lines.append(
-            f"| {M.LABELS[name]} | {m['time_s'] * 1e3:.1f} ms | {m['ratio']:.2f}× | {ok} | "
+            f"| {LABELS.get(name) or M.LABELS[name]} | {m['time_s'] * 1e3:.1f} ms | {m['ratio']:.2f}× "
+            f"| {ok} | "
             f"{m['explain_s'] * 1e3:.1f} ms | {m['explain_ratio']:.2f}× | {m['explain_us_per_node']:.1f} "
             f"| {m['extra_us_per_node']:.1f} | {ops} | {'–' if spent is None else f'{spent * 1e3:.1f} ms'} "
             f"| {'–' if alone is None else f'{alone:.2f}×'} |")
@@ -165,6 +221,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=9, help="measured rounds")
     ap.add_argument("--warmup", type=int, default=2, help="unmeasured rounds first")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument("--no-sketch", action="store_true", help="leave out the chain's hooks sketch")
     ap.add_argument("--target", type=float, default=2.0, help="the ratio the issue asks for")
     ap.add_argument("--out", type=Path, default=bu.RESULTS, help="directory for overhead.json")
     ap.add_argument("--src", type=Path, help="dynlrp source tree to measure (default: src/)")
@@ -192,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     for graph in graphs:
         got = bu.run_worker(SCRIPT, ["--worker", "--graph", graph, "--nodes", str(args.nodes), "--repeats",
                                      str(args.repeats), "--warmup", str(args.warmup),
-                                     "--methods", args.methods])
+                                     "--methods", args.methods] + (["--no-sketch"] if args.no_sketch else []))
         if "error" in got:
             print(f"overhead: the {graph} worker failed: {got['error']}", file=sys.stderr)
             return 1

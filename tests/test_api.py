@@ -342,14 +342,35 @@ def test_freeing_gives_the_same_relevance_on_a_residual_network(cached):
     assert engines[1].stats["cached_plan"] == cached and any(engines[1].stats.values())
 
 
-def test_a_small_graph_is_used_up_alike(monkeypatch):
+@pytest.mark.parametrize("hidden", [5, 1 << 14], ids=["small", "one-large-value"])
+def test_a_small_graph_is_used_up_alike(monkeypatch, hidden):
     """Tensors too small to be worth freeing stay (dynlrp.values.RELEASE_MIN), but the graph
-    is used up all the same: a second call and a backward fail as on a large graph."""
+    is used up all the same: a second call and a backward fail as on a large graph. A graph
+    with no large value skips the freeing bookkeeping altogether; one large value (the hidden
+    layer's, RELEASE_MIN elements) brings it back, and the ReLU keeping it is freed."""
+    from dynlrp.saved import saved
+
     monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 1 << 14)
-    l1, l2 = two_layers()
-    x = torch.randn(2, 4, requires_grad=True)
+    settled: list[int] = []
+    settle = dynlrp.values.Resolver._settle
+    monkeypatch.setattr(dynlrp.values.Resolver, "_settle",
+                        lambda self, i: settled.append(i) or settle(self, i))
+    l1 = nn.Linear(4, hidden, bias=False).requires_grad_(False)
+    l2 = nn.Linear(hidden, 3, bias=False).requires_grad_(False)
+    x = torch.randn(1, 4, requires_grad=True)
     y = l2(torch.relu(l1(x)))
-    dynlrp.lrp(y, x)
+    relu = y.grad_fn.next_functions[0][0]  # mm(relu(.), weight.t())
+    assert relu.name() == "ReluBackward0"
+    kept, = dynlrp.lrp(y, x, retain_graph=True)
+    assert settled == []  # (retain_graph: nothing to free)
+    r, = dynlrp.lrp(y, x)
+    assert torch.equal(r, kept)
+    if hidden == 5:
+        assert settled == [] and saved(relu, "result") is not None
+    else:
+        assert settled
+        with pytest.raises(dynlrp.GraphFreedError):
+            saved(relu, "result")
     with pytest.raises(dynlrp.GraphFreedError, match="retain_graph=True"):
         dynlrp.lrp(y, x)
     with pytest.raises(RuntimeError, match="retain_graph=True"):

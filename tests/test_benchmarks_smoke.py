@@ -88,6 +88,10 @@ def test_overhead_tiny(tmp_path):
     assert _is_ratio(dynlrp["explain_ratio"]) and _is_ratio(dynlrp["alone_ratio"])
     assert dynlrp["op_seconds"]["explain"] > 0
     assert "µs / node" in out and "ops alone" in out
+    # the sketch of rules inside autograd's engine computes what dynlrp computes (same input)
+    sketch = chain["methods"]["hooks"]
+    assert _is_ratio(sketch["ratio"])
+    assert sketch["relevance_sum"] == pytest.approx(dynlrp["relevance_sum"], rel=1e-4, abs=1e-6)
 
 
 def test_floor_tiny(tmp_path):
