@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import ops, presets
+from . import gradform, ops, presets
 from .dtypes import compute_dtype
 from .errors import GraphError, LRPError, NonFiniteRelevanceError, UnknownOpError, UnrecoverableValueError
 from .graph import GNode, Graph, build
@@ -45,7 +45,7 @@ from .ops.common import scalar
 from .plan import Plan, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
-from .rules import linear_in, passes_of, vanishes_of
+from .rules import as_gradient_of, linear_in, passes_of, vanishes_of
 from .saved import apply_node, consume, consumed, consumed_error
 from .values import Parameters, Resolver
 
@@ -351,7 +351,7 @@ class LRP:
                      else self.rules.folds(graph))
             late = {f: p for p, f in folds.items()}
 
-        def run(check_each: bool, plan: Plan | None) -> tuple[list, Resolver]:
+        def resolver_for(check_each: bool, plan: Plan | None) -> Resolver:
             if tape is not None:
                 resolver: Resolver = TapeResolver(graph, outputs, inputs, tape, params)
             elif plan is not None:
@@ -362,16 +362,25 @@ class LRP:
             if not (retain_graph or check_each):
                 resolver.release_saved = True
                 resolver.defer(late)
-            return self._propagate(graph, entries, rules, seeds, resolver, check_each), resolver
+            return resolver
 
         roots = [graph.nodes[i].fn for i, _ in graph.roots]
         for fn in roots:
             if consumed(fn):
                 raise consumed_error(fn)
-        marks = [] if retain_graph else [consume(fn) for fn in roots]
         with torch.no_grad(), _deep_recursion(len(graph.nodes)):
+            resolver = resolver_for(False, plan)
+            forms = self._gradient_forms(graph, entries, rules, resolver, plan, outputs, seeds)
+            result = None
+            if forms is not None:  # autograd's engine propagates (it frees nothing: a failure starts over)
+                result = gradform.propagate(graph, forms, seeds, outputs, inputs, resolver)
+                if result is None:
+                    resolver = resolver_for(False, plan)
+            by_autograd = result is not None
+            marks = [] if retain_graph else [consume(fn) for fn in roots]  # (after autograd's pass)
             try:
-                result, resolver = run(False, plan)
+                if not by_autograd:
+                    result = self._propagate(graph, entries, rules, seeds, resolver, False)
             except Exception:
                 if not any(graph.freed):  # it failed before freeing anything: the graph serves again
                     for undo in marks:
@@ -382,18 +391,18 @@ class LRP:
                 with self._lock:
                     self.plans.pop(signature, None)
             if self.check_finite and any(r is not None and not torch.isfinite(r).all() for r in result):
-                if not any(graph.freed):
-                    run(True, None)  # raises, naming the first op whose relevance is not finite
+                if not any(graph.freed):  # raises, naming the first op whose relevance is not finite
+                    self._propagate(graph, entries, rules, seeds, resolver_for(True, None), True)
                 raise NonFiniteRelevanceError(
                     "the relevance contains NaN or inf. To find the op that produced it, run the "
                     "forward pass again and call with `retain_graph=True`.")
         found = resolver.stats()
         self.stats = {"nodes": len(graph.order), "graph_nodes": len(graph.nodes), **found,
-                      "cached_plan": plan is not None, "replanned": stale}
+                      "cached_plan": plan is not None, "replanned": stale, "by_autograd": by_autograd}
         if signature is not None and plan is None:
             with self._lock:
                 self.plans[signature] = Plan(signature, entries, rules, resolver.how, dict(found),
-                                             frozenset(resolver.units))
+                                             frozenset(resolver.units), forms if by_autograd else None)
                 while len(self.plans) > self.max_plans:
                     self.plans.popitem(last=False)
         out = tuple(torch.zeros_like(x) if r is None else r.to(x.dtype) for x, r in zip(inputs, result))
@@ -441,6 +450,33 @@ class LRP:
             warnings.warn(f"dynlrp: no LRP rule for {listing}; using the {self.fallback!r} fallback",
                           stacklevel=3)
         return entries
+
+    def _gradient_forms(self, graph: Graph, entries: dict, rules: dict, resolver: Resolver, plan: Plan | None,
+                        outputs: tuple, seeds: list) -> dict[int, gradform.Form] | None:
+        """The nodes whose rule scales their backward, ``{node: (share, eps)}``, where every rule on
+        the way is a gradient and the call may run on autograd's engine (:mod:`dynlrp.gradform`);
+        else None. Known from the plan, or asked of every rule (which fills ``rules``)."""
+        if plan is not None and plan.gradients is None:
+            return None
+        if not gradform.eligible(graph, outputs, seeds):
+            return None
+        if plan is not None:
+            return plan.gradients
+        nodes, rule_at, forms = graph.nodes, self.rules.rule_at, {}
+        for i in graph.order:
+            gn = nodes[i]
+            if gn.is_leaf:
+                continue
+            entry = entries[i]
+            rule = rules.get(i)
+            if rule is None:
+                rule = rules[i] = rule_at(graph, gn, entry)
+            form = as_gradient_of(rule, RuleContext(gn, entry, graph, [None], resolver, rule.fused))
+            if form is None:
+                return None
+            if form != (1.0, None):
+                forms[i] = form
+        return forms
 
     def _propagate(self, graph: Graph, entries: dict, rules: dict, seeds: list, resolver: Resolver,
                    check_each: bool) -> list:

@@ -10,6 +10,7 @@ of its consumers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +122,21 @@ class Graph:
 
     def node(self, fn: Any) -> GNode:
         return self.nodes[self._index[fn]]
+
+    def holds_only_small(self, limit: int) -> bool:
+        """Whether every forward value has fewer than ``limit`` elements and the dtype relevance
+        is carried in (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16). Read from
+        the metadata autograd keeps, decoded or not (one pass, stopping at the first that fails)."""
+        prod = math.prod
+        for gn in self.nodes:
+            metas = gn._meta
+            if metas is None:
+                metas = gn._raw if gn._raw is not None else [gn.meta(0)]
+            for m in metas:
+                shape, dtype = (m[0], m[1]) if type(m) is tuple else (m.shape, m.dtype)
+                if prod(shape) >= limit or compute_dtype(dtype) != dtype:
+                    return False
+        return True
 
     def signature(self) -> tuple:
         """Structure of the graph (op names and edges): equal for the same architecture."""

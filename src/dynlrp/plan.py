@@ -35,6 +35,9 @@ class Plan:
     how: dict[Edge, tuple]
     stats: dict[str, float]
     units: frozenset[Edge] = frozenset()  # values the first call left unbuilt (costly)
+    #: the rules as gradients (:mod:`dynlrp.gradform`): the nodes whose rule scales the backward,
+    #: or None where the first call took the Python traversal
+    gradients: dict[int, tuple] | None = None
 
 
 class PlannedResolver(Resolver):

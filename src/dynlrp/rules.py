@@ -260,6 +260,23 @@ class Rule:
     def needs(self, ctx: RuleContext) -> Needs:
         return _needs()
 
+    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
+        """The rule written as the node's own backward, where it can be: ``(share, eps)``.
+
+        With relevance written ``R = v * g`` on every edge (``v`` the edge's forward value), a
+        rule of the epsilon family, ``R_i = share * v_i * J_i^T (R / stab(z))``, is
+        ``g_i = share * J_i^T (g * z / stab(z))``: the node's backward of ``g``, scaled. ``eps``
+        is the stabiliser of ``stab`` (:func:`stabilize`), or None where the factor ``z /
+        stab(z)`` is 1: where ``eps`` is 0, and for rules that are the backward itself (a route,
+        the identity at a homogeneous op, proportional sharing at a sum). Then autograd's
+        engine can propagate the relevance (:mod:`dynlrp.gradform`). None (the default): the
+        rule has no such form at this node. Trusted like :meth:`vanishes` (:func:`as_gradient_of`).
+
+        (At an exact 0 of a sum with ``eps = 0`` the gradient form takes the limit ``R / z =
+        g``, where the rule reads ``0 / 0`` as 0: the operands of ``a + (-a)`` then take ``a * g``
+        and ``-a * g``, which still sum to the 0 relevance the sum received.)"""
+        return None
+
     def factors(self, ctx: RuleContext) -> tuple[int, ...]:
         return ()
 
@@ -298,6 +315,11 @@ class Epsilon(Rule):
     def vanishes(self, ctx: RuleContext) -> str | None:
         return "inputs"
 
+    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
+        if ctx.fused is not None or ctx.gn.num_outputs != 1:
+            return None
+        return _epsilon_share(ctx), (self.eps or None)
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         rows = live_rows(ctx)
         if rows is not None:
@@ -306,8 +328,12 @@ class Epsilon(Rule):
         s = divide(ctx.relevance, z, self.eps, nonnegative=ctx.output_nonnegative,
                    zeros_idle=ctx.relevance_vanishes_with_output)
         grads = ctx.vjp(s, owned=True)
-        share = 1.0 / max(len(ctx.reaching), 1) if ctx.kind != "sum" else 1.0
-        return _only_slots(ctx, _inputs_times(ctx, grads, ctx.reaching, share, scratch=s))
+        return _only_slots(ctx, _inputs_times(ctx, grads, ctx.reaching, _epsilon_share(ctx), scratch=s))
+
+
+def _epsilon_share(ctx: RuleContext) -> float:
+    """``1/n`` over the ``n`` inputs that lead to a requested input (paper Eq. 6), 1 at a sum."""
+    return 1.0 / max(len(ctx.reaching), 1) if ctx.kind != "sum" else 1.0
 
 
 #: Row-sparse relevance is taken row by row from this many rows on, when at most 1 / ROWS_SPARSE
@@ -394,6 +420,9 @@ class Proportional(Epsilon):
     def vanishes(self, ctx: RuleContext) -> str | None:
         return "output" if self._has_constant(ctx) else "inputs"
 
+    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
+        return None if self._has_constant(ctx) or self.absolute else super().as_gradient(ctx)
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if self._has_constant(ctx):
             return Identity()(ctx)
@@ -420,6 +449,9 @@ class Identity(Rule):
 
     def vanishes(self, ctx: RuleContext) -> str | None:
         return "output"
+
+    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
+        return _homogeneous_share(ctx, ctx.reaching)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = [None] * ctx.num_inputs
@@ -459,6 +491,21 @@ def passes_of(rule: Rule) -> bool:
     return rule.passes and _trusted(type(rule), "passes")
 
 
+def as_gradient_of(rule: Rule, ctx: RuleContext) -> tuple[float, float | None] | None:
+    """:meth:`Rule.as_gradient`, trusted as :func:`vanishes_of` trusts ``vanishes``."""
+    return rule.as_gradient(ctx) if _trusted(type(rule), "as_gradient") else None
+
+
+def _homogeneous_share(ctx: RuleContext, carriers: Sequence[int]) -> tuple[float, None] | None:
+    """``R_i = R / n`` for the ``n`` carriers as a gradient: ``(1/n, None)`` where the op is
+    positively homogeneous in each carrier (:attr:`~dynlrp.ops.OpEntry.homogeneous`: then
+    ``v_i * J_i^T g = z * g``, Euler's identity), else None."""
+    homogeneous = ctx.entry.homogeneous
+    if not carriers or ctx.gn.num_outputs != 1 or any(i not in homogeneous for i in carriers):
+        return None
+    return 1.0 / len(carriers), None
+
+
 def _moves_values(ctx: RuleContext) -> bool:
     """Whether the op only moves values: a route whose contract says so, not an op without an
     entry that the gradient fallback routes by its backward (``cumprod``, say)."""
@@ -478,6 +525,10 @@ class Route(Rule):
 
     def vanishes(self, ctx: RuleContext) -> str | None:
         return "routes" if _moves_values(ctx) else None
+
+    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
+        # moving values, J^T (v * g) = v_in * J^T g: the backward itself
+        return (1.0, None) if _moves_values(ctx) else None
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         grads = ctx.vjp_all(ctx.relevances)
@@ -1013,12 +1064,19 @@ class UniformProduct(Rule):
     def __init__(self, activation_gates: bool = False) -> None:
         self.activation_gates = bool(activation_gates)
 
-    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+    def _carriers(self, ctx: RuleContext) -> list[int]:
         from .ops.math import gate_factors
 
         reaching = ctx.reaching
         gates = gate_factors(ctx.node, reaching, self.activation_gates) if len(reaching) > 1 else set()
-        carriers = [i for i in reaching if i not in gates]
+        return [i for i in reaching if i not in gates]
+
+    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
+        carriers = self._carriers(ctx)  # (a gate takes nothing, where the backward gives it some)
+        return _homogeneous_share(ctx, carriers) if len(carriers) == len(ctx.reaching) else None
+
+    def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
+        carriers = self._carriers(ctx)
         n = len(carriers)
         shares: dict[torch.Size, torch.Tensor] = {}  # one tensor per operand shape (never mutated)
         for i in carriers:

@@ -30,6 +30,12 @@ rule's job (:mod:`dynlrp.rules`). Each entry declares:
 ``group``
     Optional: a finer family than ``kind`` that rule sets can address, like Zennit's layer
     types: ``"conv"`` (convolutions), ``"dense"`` (fully connected layers), ``"batchnorm"``.
+``homogeneous``
+    Optional: the input slots in which the op is positively homogeneous of degree 1, the
+    others fixed (``f(t x) = t f(x)`` for ``t > 0``: a ReLU, a product's factors, the dividend
+    of a quotient, a copy). There the op's own backward of ``g`` is the identity rule written
+    as a gradient (``x * J^T g = f(x) * g``), which lets :mod:`dynlrp.gradform` leave the node
+    to autograd's engine.
 ``affine(node, slot)``
     Optional: the op as an affine map of input ``slot`` with a weight, as an :class:`Affine`
     (or ``None`` when it is not one, e.g. batch norm in training mode). Rules that modify
@@ -251,6 +257,7 @@ class OpEntry:
     group: str = ""
     affine: Callable[[Any, int], Affine | None] | None = None
     own_recomputes: bool = False
+    homogeneous: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -275,6 +282,7 @@ def register(
     group: str = "",
     affine: Callable[[Any, int], Affine | None] | None = None,
     own_recomputes: bool = False,
+    homogeneous: tuple[int, ...] = (),
 ) -> None:
     """Register an op entry for one or more autograd node type names.
 
@@ -284,7 +292,7 @@ def register(
     """
     for name in (names,) if isinstance(names, str) else names:
         _REGISTRY[name] = OpEntry(name, kind, contract, forward, own, taps, inverse, doc, group, affine,
-                                   own_recomputes)
+                                   own_recomputes, tuple(homogeneous))
 
 
 def lookup(name: str) -> OpEntry | None:

@@ -123,10 +123,12 @@ def _div_own(node):
 
 
 register("MulBackward0", "product", "exact", forward=_mul_forward, own=_mul_own,
-         taps=taps_from((0, "self"), (1, "other")))
-register("MulBackward1", "product", "exact", forward=lambda n, xs: xs[0] * saved(n, "other"))
+         taps=taps_from((0, "self"), (1, "other")), homogeneous=(0, 1))
+register("MulBackward1", "product", "exact", forward=lambda n, xs: xs[0] * saved(n, "other"),
+         homogeneous=(0,))
 register("DivBackward0", "product", "exact", forward=_div_forward, own=_div_own,
-         taps=taps_from((0, "self"), (1, "other")))
-register("DivBackward1", "product", "exact", forward=lambda n, xs: xs[0] / saved(n, "other"))
+         taps=taps_from((0, "self"), (1, "other")), homogeneous=(0,))  # (not in the divisor)
+register("DivBackward1", "product", "exact", forward=lambda n, xs: xs[0] / saved(n, "other"),
+         homogeneous=(0,))
 register("NegBackward0", "elementwise", "exact", forward=lambda n, xs: -xs[0],
-         inverse=lambda n, out, xs: {0: Value(-out.tensor, out.mask)})
+         inverse=lambda n, out, xs: {0: Value(-out.tensor, out.mask)}, homogeneous=(0,))

@@ -36,7 +36,7 @@ def _relu_inverse(node, out, xs):
 
 
 register("ReluBackward0", "elementwise", "exact", forward=lambda n, xs: torch.relu(xs[0]),
-         own=_result, inverse=_relu_inverse)
+         own=_result, inverse=_relu_inverse, homogeneous=(0,))
 register("TanhBackward0", "elementwise", "exact", forward=lambda n, xs: torch.tanh(xs[0]), own=_result)
 register("SigmoidBackward0", "elementwise", "exact", forward=lambda n, xs: torch.sigmoid(xs[0]), own=_result)
 register("ExpBackward0", "elementwise", "exact", forward=lambda n, xs: torch.exp(xs[0]), own=_result)
@@ -88,13 +88,13 @@ for _name, _func in _SELF_FUNCS.items():
 
 # Copies: relevance and values pass unchanged (a routing op that moves every value in place).
 register(("CloneBackward0", "AliasBackward0", "ContiguousBackward0", "LiftFreshBackward0"),
-         "route", "route", forward=_identity_forward, inverse=_identity_inverse)
+         "route", "route", forward=_identity_forward, inverse=_identity_inverse, homogeneous=(0,))
 register("ToCopyBackward0", "elementwise", "exact",
          forward=lambda n, xs: xs[0].to(output_meta(n, 0)[1]),
-         inverse=lambda n, out, xs: {0: Value(out.tensor.to(_input_dtype(n)), out.mask)})
+         inverse=lambda n, out, xs: {0: Value(out.tensor.to(_input_dtype(n)), out.mask)}, homogeneous=(0,))
 
 
 def _input_dtype(node):
     child, index = node.next_functions[0]
     return output_meta(child, index)[1]
-register("NativeDropoutBackward0", "elementwise", "exact")
+register("NativeDropoutBackward0", "elementwise", "exact", homogeneous=(0,))

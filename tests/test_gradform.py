@@ -1,0 +1,218 @@
+"""Relevance propagated by autograd's engine (dynlrp.gradform) against the Python traversal.
+
+Where every rule on the way is a gradient (``Rule.as_gradient``) and the graph holds no large
+value, a call runs on autograd's engine with pre-hooks; it must give the Python traversal's
+relevance, leave the graph as the Python traversal does, and fall back to it wherever it does
+not apply. (The other tests free every tensor, ``RELEASE_MIN = 0``, so they take the Python
+traversal: here the default threshold is restored.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dynlrp
+from dynlrp import gradform
+from models import CNN, LRP0, MLP, ResidualCNN, assert_close, freeze, per_row_seed, randomize_affine
+
+
+@pytest.fixture(autouse=True)
+def _default_release(monkeypatch):
+    monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 1 << 14)
+
+
+def both(fn):
+    """``fn()`` on autograd's engine and on the Python traversal: (relevances, stats) of each."""
+    fast, stats_fast = fn()
+    gradform.ENABLED = False
+    try:
+        slow, stats_slow = fn()
+    finally:
+        gradform.ENABLED = True
+    return fast, stats_fast, slow, stats_slow
+
+
+class Chain(nn.Module):
+    """``h = 0.9 * (h + W2 relu(W1 h))``: matrix products, a ReLU, a sum, a scale."""
+
+    def __init__(self, blocks: int = 6, width: int = 5) -> None:
+        super().__init__()
+        self.w1 = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(blocks))
+        self.w2 = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(blocks))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for w1, w2 in zip(self.w1, self.w2):
+            h = 0.9 * (h + w2(torch.relu(w1(h))))
+        return h
+
+
+class Gated(nn.Module):
+    """A product of two activations, a difference, a quotient by a constant and a negation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x)) * self.b(x)
+        return self.c(-(h - torch.relu(self.b(x))) / 2.0)
+
+
+def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "chain":
+        return freeze(Chain()), torch.randn(3, 5)
+    if name == "mlp":
+        return freeze(randomize_affine(MLP(bias=True))), torch.randn(3, 6)
+    if name == "cnn":
+        return freeze(randomize_affine(CNN(bias=True))), torch.randn(2, 3, 8, 8)
+    if name == "residual":
+        return freeze(randomize_affine(ResidualCNN(bias=True))), torch.randn(2, 3, 8, 8)
+    if name == "gated":
+        return freeze(Gated()), torch.randn(3, 4)
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("rules", [None, "epsilon", LRP0, {"linear": dynlrp.rules.Epsilon(0.25)}],
+                         ids=["default", "epsilon", "lrp0", "eps0.25"])
+@pytest.mark.parametrize("name", ["chain", "mlp", "cnn", "residual", "gated"])
+def test_autograds_engine_gives_the_python_traversals_relevance(name, rules):
+    model, x0 = _model(name)
+
+    def run():
+        x = x0.clone().requires_grad_(True)
+        y = model(x)
+        engine = dynlrp.LRP(rules)
+        r, = engine(y, x, per_row_seed(y, [1] * y.shape[0]))
+        return r, engine.stats
+
+    fast, stats_fast, slow, stats_slow = both(run)
+    assert stats_fast["by_autograd"] and not stats_slow["by_autograd"]
+    assert_close(fast, slow)
+
+
+@pytest.mark.parametrize("mode", ["promise", "recorded"])
+def test_the_cached_plan_and_recorded_mode_take_autograds_engine_too(mode):
+    model, x0 = _model("residual")
+    engine = dynlrp.LRP("epsilon")
+    results = []
+    for seed in range(3):  # the first call plans, the later ones follow the plan
+        x = (x0 + seed).requires_grad_(True)
+        with dynlrp.record() as tape:
+            y = model(x)
+        r, = engine(y, x, tape=tape if mode == "recorded" else None)
+        assert engine.stats["by_autograd"]
+        gradform.ENABLED = False
+        try:
+            y = model(x)
+            expected, = dynlrp.LRP("epsilon")(y, x)
+        finally:
+            gradform.ENABLED = True
+        assert_close(r, expected)
+        results.append(r)
+    assert engine.stats["cached_plan"] == (mode == "promise")
+
+
+def test_several_inputs_and_an_intermediate_one():
+    model, x0 = _model("mlp")
+
+    def run():
+        x = x0.clone().requires_grad_(True)
+        scale = torch.full((1, 6), 0.5, requires_grad=True)
+        h = model[0](x * scale)
+        mid = torch.relu(h)
+        y = model[4](model[3](model[2](mid)))
+        engine = dynlrp.LRP("epsilon")
+        return engine(y, (x, scale, h)), engine.stats
+
+    fast, stats_fast, slow, _ = both(run)
+    assert stats_fast["by_autograd"]
+    for a, b in zip(fast, slow):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("case", ["large", "bfloat16", "z_plus", "tanh", "constant", "seed_at_zero"])
+def test_where_autograds_engine_does_not_apply_the_python_traversal_runs(monkeypatch, case):
+    """A large value (the traversal frees as it goes), a dtype carried wider, a rule that is no
+    gradient (z+), the identity at an op that is not homogeneous (tanh), a sum with a constant,
+    relevance on an output value of 0 (``R = 0 * g`` has no ``g``)."""
+    model, x = _model("mlp")
+    rules = "epsilon"
+    seed = None
+    if case == "large":
+        monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 8)
+    elif case == "bfloat16":
+        model, x = model.to(torch.bfloat16), x.to(torch.bfloat16)
+    elif case == "z_plus":
+        rules = {"linear": dynlrp.rules.ZPlus()}
+    elif case == "tanh":
+        model[1] = nn.Tanh()
+    elif case == "constant":
+        model[1] = _PlusThree()
+    x = x.clone().requires_grad_(True)
+    with dynlrp.record() as tape:  # (the sum with a constant: its output only a tape knows)
+        y = model(x)
+        if case == "seed_at_zero":
+            y = torch.relu(y - 10.0)  # all 0
+            seed = torch.ones_like(y)
+    engine = dynlrp.LRP(rules)
+    r, = engine(y, x, seed, tape=tape)
+    assert not engine.stats["by_autograd"]
+    assert r.shape == x.shape
+
+
+class _PlusThree(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) + 3.0
+
+
+def test_a_hook_that_cannot_get_its_value_falls_back(monkeypatch):
+    """Nothing is freed on autograd's engine, so a failed pass starts over on the Python traversal."""
+    model, x0 = _model("chain")
+    real = gradform._output
+
+    def failing(graph, resolver, i, g):
+        raise dynlrp.UnrecoverableValueError("not here")
+
+    x = x0.clone().requires_grad_(True)
+    expected, = dynlrp.lrp(model(x), x)
+    monkeypatch.setattr(gradform, "_output", failing)
+    engine = dynlrp.LRP()
+    y = model(x)
+    r, = engine(y, x)
+    assert not engine.stats["by_autograd"]
+    assert_close(r, expected)
+    monkeypatch.setattr(gradform, "_output", real)
+    with pytest.raises(dynlrp.GraphFreedError):  # (the call used the graph up all the same)
+        engine(y, x)
+
+
+def test_the_graph_is_left_as_the_python_traversal_leaves_it():
+    """With ``retain_graph=True`` the hooks are gone and the graph gives autograd's own gradient;
+    without, it is used up: a second call and a backward fail."""
+    model, x0 = _model("chain")
+    x = x0.clone().requires_grad_(True)
+    y = model(x)
+    engine = dynlrp.LRP()
+    engine(y, x, retain_graph=True)
+    assert engine.stats["by_autograd"]
+    grad, = torch.autograd.grad(y.sum(), x, retain_graph=True)
+    expected, = torch.autograd.grad(model(x).sum(), x)
+    assert torch.equal(grad, expected)
+    engine(y, x)
+    with pytest.raises(dynlrp.GraphFreedError, match="retain_graph=True"):
+        engine(y, x)
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        y.sum().backward()
+
+
+def test_relevance_conserves_on_autograds_engine():
+    """LRP-0 on a bias-free chain conserves exactly: the gradient form keeps that."""
+    model, x0 = _model("chain")
+    x = x0.clone().requires_grad_(True)
+    y = model(x)
+    engine = dynlrp.LRP(LRP0)
+    r, = engine(y, x)
+    assert engine.stats["by_autograd"]
+    torch.testing.assert_close(r.sum(), y.sum(), rtol=1e-5, atol=1e-6)
