@@ -54,6 +54,14 @@ def _free_every_tensor(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _python_traversal(monkeypatch):
+    """Take the Python traversal, whose every step (promises, freeing, rules) the tests inspect;
+    tests/test_gradform.py runs autograd's engine (dynlrp.gradform, the default for small
+    graphs) against it and against the op references."""
+    monkeypatch.setattr(dynlrp.gradform, "MAX_ELEMENTS", 0)
+
+
+@pytest.fixture(autouse=True)
 def _write_every_grad(monkeypatch):
     """Overwrite every grad that may be overwritten (by default only large ones are worth it),
     so that every test also checks the in-place products of :func:`dynlrp.rules._inputs_times`."""

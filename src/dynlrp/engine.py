@@ -45,7 +45,7 @@ from .ops.common import scalar
 from .plan import Plan, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
-from .rules import as_gradient_of, linear_in, passes_of, vanishes_of
+from .rules import Gradient, as_gradient_of, linear_in, passes_of, vanishes_of
 from .saved import apply_node, consume, consumed, consumed_error
 from .values import Parameters, Resolver
 
@@ -452,10 +452,11 @@ class LRP:
         return entries
 
     def _gradient_forms(self, graph: Graph, entries: dict, rules: dict, resolver: Resolver, plan: Plan | None,
-                        outputs: tuple, seeds: list) -> dict[int, gradform.Form] | None:
-        """The nodes whose rule scales their backward, ``{node: (share, eps)}``, where every rule on
-        the way is a gradient and the call may run on autograd's engine (:mod:`dynlrp.gradform`);
-        else None. Known from the plan, or asked of every rule (which fills ``rules``)."""
+                        outputs: tuple, seeds: list) -> dict[int, Gradient] | None:
+        """The rules as gradients where the call may run on autograd's engine
+        (:mod:`dynlrp.gradform`): ``{node: Gradient}`` for the nodes that are not their backward
+        as it is; None where a node that relevance reaches has no gradient form. Known from the
+        plan, or asked of the rules (which fills ``rules``)."""
         if plan is not None and plan.gradients is None:
             return None
         if not gradform.eligible(graph, outputs, seeds):
@@ -463,9 +464,12 @@ class LRP:
         if plan is not None:
             return plan.gradients
         nodes, rule_at, forms = graph.nodes, self.rules.rule_at, {}
+        reached = [False] * len(nodes)  # relevance may arrive (not only through slots that take none)
+        for i, _ in graph.roots:
+            reached[i] = True
         for i in graph.order:
             gn = nodes[i]
-            if gn.is_leaf:
+            if gn.is_leaf or not reached[i]:
                 continue
             entry = entries[i]
             rule = rules.get(i)
@@ -474,8 +478,12 @@ class LRP:
             form = as_gradient_of(rule, RuleContext(gn, entry, graph, [None], resolver, rule.fused))
             if form is None:
                 return None
-            if form != (1.0, None):
+            if not form.native:
                 forms[i] = form
+            inputs = gn.inputs
+            for slot in gn.reaching:
+                if form.share(slot):
+                    reached[inputs[slot][0]] = True
         return forms
 
     def _propagate(self, graph: Graph, entries: dict, rules: dict, seeds: list, resolver: Resolver,

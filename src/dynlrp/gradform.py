@@ -16,15 +16,14 @@ the relevance at the inputs, ``x * g``: the traversal, the sums of relevance and
 every unscaled node run in autograd's C++ engine, and Python runs only the scaled nodes'
 hooks, each asking the resolver (the Promise System, or a tape) for its output ``z``.
 
-The engine uses it for graphs that hold no large value (none of
-:data:`~dynlrp.values.RELEASE_MIN` elements: :meth:`Graph.holds_only_small
-<dynlrp.graph.Graph.holds_only_small>`), where the per-node bookkeeping of the Python traversal
-(:meth:`dynlrp.engine.LRP._propagate`) is most of the call; large graphs keep the Python
-traversal, which frees saved tensors as it goes (here they stay until the call returns), and
-so does every graph with a node whose rule has no gradient form, a seed on an output value
-of 0 (``R = 0 * g`` has no ``g``), or a dtype that relevance is carried wider than (float16:
-autograd would carry ``g`` in float16). If a hook cannot get a value it needs, the call falls
-back to the Python traversal.
+The engine uses it for small graphs (:data:`MAX_ELEMENTS` elements in all:
+:meth:`Graph.small <dynlrp.graph.Graph.small>`), where the per-node bookkeeping of the Python
+traversal (:meth:`dynlrp.engine.LRP._propagate`) is most of the call; large graphs keep the
+Python traversal, which frees saved tensors as it goes (here they stay until the graph is
+dropped), and so does every graph with a node on the way whose rule has no gradient form, a
+seed on an output value of 0 (``R = 0 * g`` has no ``g``), or a dtype that relevance is carried
+wider than (float16: autograd would carry ``g`` in float16). If a hook cannot get a value it
+needs, the call falls back to the Python traversal.
 """
 
 from __future__ import annotations
@@ -33,46 +32,57 @@ from collections.abc import Sequence
 
 import torch
 
-from . import values
-from .errors import LRPError
-from .graph import Graph
-from .ops import ClippedValue, MissingOperand
-from .rules import stabilize
+from .graph import Edge, Graph
+from .ops import ClippedValue
+from .rules import Gradient, stabilize
 from .values import Resolver
 
 #: Off: every call takes the Python traversal (the tests compare the two).
 ENABLED = True
-
-Form = tuple[float, "float | None"]  # (share, eps) of Rule.as_gradient
+#: Graphs whose forward values hold fewer elements than this in all (4 MiB of float32) run on
+#: autograd's engine; larger ones take the Python traversal, which frees as it goes.
+MAX_ELEMENTS = 1 << 20
 
 
 class _NoValue(Exception):
-    """A hook could not get the exact output it scales by (the call falls back)."""
+    """A hook could not get an exact value it needs (the call falls back)."""
 
 
 def eligible(graph: Graph, outputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor]) -> bool:
-    """Whether the call may run on autograd's engine, its rules aside: no large value, every value
-    in a dtype relevance is carried in, and no seed on an output value of 0."""
-    if not ENABLED or not graph.holds_only_small(values.RELEASE_MIN):
+    """Whether the call may run on autograd's engine, its rules aside: a small graph
+    (:data:`MAX_ELEMENTS`) in a dtype relevance is carried in, and no seed on an output value of 0."""
+    if not ENABLED or not graph.small(MAX_ELEMENTS):
         return False
     return not any(bool(((y == 0) & (r != 0)).any()) for y, r in zip(outputs, seeds))
 
 
-def propagate(graph: Graph, forms: dict[int, Form], seeds: Sequence[torch.Tensor],
+def propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Tensor],
               outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
               resolver: Resolver) -> list | None:
     """The relevance at ``inputs`` (None where none arrives), or None if a hook could not get a
     value (nothing is freed then: the Python traversal can start over).
 
-    ``forms`` holds the nodes whose rule scales the backward (``(share, eps)`` other than
-    ``(1, None)``); every other node on the way is its backward as it is."""
+    ``forms`` holds the nodes whose rule is not the backward as it is; every other node on
+    the way is (or receives no relevance)."""
     nodes = graph.nodes
-    handles = [nodes[i].fn.register_prehook(_scaling(graph, resolver, i, share, eps))
-               for i, (share, eps) in forms.items()]
+    handles = []
+    for i, form in forms.items():
+        fn = nodes[i].fn
+        if form.ratio:
+            handles.append(fn.register_hook(_ratio(graph, resolver, i)))
+            continue
+        uniform = type(form.shares) is float
+        if form.eps is not None or (uniform and form.shares != 1.0):
+            handles.append(fn.register_prehook(_scaling(graph, resolver, i, form.share(0) if uniform else 1.0,
+                                                        form.eps)))
+        if not uniform:
+            handles.append(fn.register_hook(_sharing(form.shares)))
     grads = [torch.where(y == 0, torch.zeros_like(r), r / y) for y, r in zip(outputs, seeds)]
     try:
         found = torch.autograd.grad(list(outputs), list(inputs), grads, retain_graph=True, allow_unused=True)
-    except (_NoValue, LRPError, MissingOperand):  # (a value the hooks could not get)
+    except Exception:  # noqa: BLE001 -- a value a hook could not get, a graph freed by a backward,
+        # a saved tensor modified in place: the Python traversal starts over (nothing is freed
+        # yet) and gives the relevance or the typed error
         return None
     finally:
         for handle in handles:
@@ -81,34 +91,75 @@ def propagate(graph: Graph, forms: dict[int, Form], seeds: Sequence[torch.Tensor
 
 
 def _scaling(graph: Graph, resolver: Resolver, i: int, share: float, eps: float | None):
-    """Node ``i``'s pre-hook: ``g -> share * g * z / stab(z)`` (``share * g`` without ``eps``)."""
+    """Node ``i``'s pre-hook: ``g -> share * g * z / stab(z)`` (``share * g`` without ``eps``) on
+    its first output; its other outputs carry no relevance."""
 
     def hook(grads: tuple) -> tuple | None:
         g = grads[0]
         if g is None:
             return None
+        if len(grads) > 1 and any(h is not None for h in grads[1:]):
+            raise _NoValue(f"relevance reaches an output of {graph.nodes[i].name} other than its first")
         if eps is None:
-            return (g * share,)
-        z = _output(graph, resolver, i, g)  # (g * z is 0 where z is: the sign of stab(0) is idle)
-        s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
-        return (s.mul_(share) if share != 1.0 else s,)
+            s = g * share
+        else:
+            z = _exact(graph, resolver, (i, 0), i, g)  # (g * z is 0 where z is: stab(0)'s sign is idle)
+            s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
+            if share != 1.0:
+                s.mul_(share)
+        return (s, *grads[1:])
 
     return hook
 
 
-def _output(graph: Graph, resolver: Resolver, i: int, g: torch.Tensor) -> torch.Tensor:
-    """Node ``i``'s output, exact wherever ``g`` is not 0 (0 elsewhere, so ``g * z`` is 0 there)."""
-    edge = (i, 0)
-    v = resolver.value(edge, i)
+def _sharing(shares: tuple[float, ...]):
+    """A post-hook: the backward's ``g_i`` times ``shares[i]`` (None where the share is 0)."""
+
+    def hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
+        return tuple(None if g is None or share == 0.0 else (g if share == 1.0 else g * share)
+                     for g, share in zip(grad_inputs, shares))
+
+    return hook
+
+
+def _ratio(graph: Graph, resolver: Resolver, i: int):
+    """Node ``i``'s post-hook for the identity at an op that is not homogeneous: its one input
+    that carries relevance gets ``g * z / v`` in place of the backward (``R_v = R_z``)."""
+    gn = graph.nodes[i]
+    slot = gn.reaching[0]
+    edge = gn.inputs[slot]
+
+    def hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
+        g = grad_outputs[0]
+        out: list = [None] * len(grad_inputs)
+        if g is None:
+            return tuple(out)
+        z = _exact(graph, resolver, (i, 0), i, g)
+        v = _exact(graph, resolver, edge, i, g)
+        zg = torch.mul(g, z)
+        if zg.masked_fill(v != 0, 0).any():  # relevance on an input value of 0: no gradient has it
+            raise _NoValue(f"relevance reaches an input value of 0 at {gn.name}")
+        out[slot] = zg.div_(torch.where(v == 0, torch.ones_like(v), v))
+        return tuple(out)
+
+    return hook
+
+
+def _exact(graph: Graph, resolver: Resolver, edge: Edge, requester: int, g: torch.Tensor) -> torch.Tensor:
+    """``edge``'s value, exact wherever ``g`` (of the value's shape) is not 0; 0 elsewhere, so
+    that ``g * v`` is 0 there."""
+    v = resolver.value(edge, requester)
     if v.exact:
         return v.tensor
-    consumers = graph.nodes[i].consumers
-    if type(v) is ClippedValue and len(consumers) == 1 and v.source == (consumers[0][0], 0):
-        # seen through its only consumer, a clipping op, whose backward zeroes g where it clipped
+    consumers = graph.nodes[edge[0]].consumers
+    if (edge == (requester, 0) and type(v) is ClippedValue and len(consumers) == 1
+            and v.source == (consumers[0][0], 0)):
+        # the node's output seen through its only consumer, a clipping op whose backward zeroes
+        # g where it clipped: the unknown entries read 0 there
         return v.tensor
-    if not g.masked_fill(v.mask, 0).any():
+    if g.shape == v.mask.shape and not g.masked_fill(v.mask, 0).any():
         return v.tensor.masked_fill(~v.mask, 0)
-    v = resolver.exact(edge, i)
+    v = resolver.exact(edge, requester)
     if not v.exact:
-        raise _NoValue(f"the output of {graph.nodes[i].name} is known only in part")
+        raise _NoValue(f"the output of {graph.nodes[edge[0]].name} is known only in part")
     return v.tensor

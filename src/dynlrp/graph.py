@@ -123,18 +123,20 @@ class Graph:
     def node(self, fn: Any) -> GNode:
         return self.nodes[self._index[fn]]
 
-    def holds_only_small(self, limit: int) -> bool:
-        """Whether every forward value has fewer than ``limit`` elements and the dtype relevance
-        is carried in (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16). Read from
-        the metadata autograd keeps, decoded or not (one pass, stopping at the first that fails)."""
-        prod = math.prod
+    def small(self, limit: int) -> bool:
+        """Whether the forward values hold fewer than ``limit`` elements in all, each in the dtype
+        relevance is carried in (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16).
+        Read from the metadata autograd keeps, decoded or not (one pass, stopping at the first
+        value that fails)."""
+        prod, left = math.prod, limit
         for gn in self.nodes:
             metas = gn._meta
             if metas is None:
                 metas = gn._raw if gn._raw is not None else [gn.meta(0)]
             for m in metas:
                 shape, dtype = (m[0], m[1]) if type(m) is tuple else (m.shape, m.dtype)
-                if prod(shape) >= limit or compute_dtype(dtype) != dtype:
+                left -= prod(shape)
+                if left <= 0 or compute_dtype(dtype) != dtype:
                     return False
         return True
 

@@ -209,6 +209,37 @@ def _needs(inputs: tuple[int, ...] = (), output: bool = False) -> Needs:
     return found
 
 
+@dataclass(frozen=True)
+class Gradient:
+    """A rule written as the node's own backward (:meth:`Rule.as_gradient`).
+
+    With relevance written ``R = v * g`` on every edge (``v`` the edge's forward value)::
+
+        g_i = shares[i] * J_i^T (g * z / stab(z))       (the backward, scaled)
+        g_i = g * z / v_i                                (ratio: the identity, elementwise)
+
+    ``eps``: the stabiliser of ``stab`` (:func:`stabilize`), or None where ``z / stab(z)`` is 1
+    (``eps = 0``, and rules that are the backward itself). ``shares``: one number for every
+    input, or one per input slot (0: the slot takes nothing). ``ratio``: the identity rule at an
+    op that is not homogeneous (``tanh``, SiLU, ``x + c``), which needs the input and the output."""
+
+    eps: float | None = None
+    shares: float | tuple[float, ...] = 1.0
+    ratio: bool = False
+
+    def share(self, slot: int) -> float:
+        shares = self.shares
+        return shares if type(shares) is float else shares[slot]
+
+    @property
+    def native(self) -> bool:
+        """The backward as it is: autograd's engine needs no hook at the node."""
+        return self.eps is None and self.shares == 1.0 and not self.ratio
+
+
+_NATIVE = Gradient()
+
+
 class Rule:
     """Base class. Subclasses define :meth:`needs` and :meth:`__call__`.
 
@@ -260,17 +291,16 @@ class Rule:
     def needs(self, ctx: RuleContext) -> Needs:
         return _needs()
 
-    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
-        """The rule written as the node's own backward, where it can be: ``(share, eps)``.
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        """The rule written as the node's own backward, where it can be (:class:`Gradient`).
 
         With relevance written ``R = v * g`` on every edge (``v`` the edge's forward value), a
-        rule of the epsilon family, ``R_i = share * v_i * J_i^T (R / stab(z))``, is
-        ``g_i = share * J_i^T (g * z / stab(z))``: the node's backward of ``g``, scaled. ``eps``
-        is the stabiliser of ``stab`` (:func:`stabilize`), or None where the factor ``z /
-        stab(z)`` is 1: where ``eps`` is 0, and for rules that are the backward itself (a route,
-        the identity at a homogeneous op, proportional sharing at a sum). Then autograd's
-        engine can propagate the relevance (:mod:`dynlrp.gradform`). None (the default): the
-        rule has no such form at this node. Trusted like :meth:`vanishes` (:func:`as_gradient_of`).
+        rule of the epsilon family, ``R_i = share_i * v_i * J_i^T (R / stab(z))``, is
+        ``g_i = share_i * J_i^T (g * z / stab(z))``: the node's backward of ``g``, scaled; a
+        route, the identity at a homogeneous op and proportional sharing at a sum are the
+        backward itself. Then autograd's engine can propagate the relevance
+        (:mod:`dynlrp.gradform`). None (the default): the rule has no such form at this node.
+        Trusted like :meth:`vanishes` (:func:`as_gradient_of`).
 
         (At an exact 0 of a sum with ``eps = 0`` the gradient form takes the limit ``R / z =
         g``, where the rule reads ``0 / 0`` as 0: the operands of ``a + (-a)`` then take ``a * g``
@@ -315,10 +345,10 @@ class Epsilon(Rule):
     def vanishes(self, ctx: RuleContext) -> str | None:
         return "inputs"
 
-    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
         if ctx.fused is not None or ctx.gn.num_outputs != 1:
             return None
-        return _epsilon_share(ctx), (self.eps or None)
+        return Gradient(self.eps or None, _epsilon_share(ctx))
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         rows = live_rows(ctx)
@@ -420,8 +450,10 @@ class Proportional(Epsilon):
     def vanishes(self, ctx: RuleContext) -> str | None:
         return "output" if self._has_constant(ctx) else "inputs"
 
-    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
-        return None if self._has_constant(ctx) or self.absolute else super().as_gradient(ctx)
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        if self.absolute:
+            return None
+        return _identity_gradient(ctx) if self._has_constant(ctx) else super().as_gradient(ctx)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if self._has_constant(ctx):
@@ -450,8 +482,8 @@ class Identity(Rule):
     def vanishes(self, ctx: RuleContext) -> str | None:
         return "output"
 
-    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
-        return _homogeneous_share(ctx, ctx.reaching)
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        return _identity_gradient(ctx)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         out: list[torch.Tensor | None] = [None] * ctx.num_inputs
@@ -491,19 +523,34 @@ def passes_of(rule: Rule) -> bool:
     return rule.passes and _trusted(type(rule), "passes")
 
 
-def as_gradient_of(rule: Rule, ctx: RuleContext) -> tuple[float, float | None] | None:
+def as_gradient_of(rule: Rule, ctx: RuleContext) -> Gradient | None:
     """:meth:`Rule.as_gradient`, trusted as :func:`vanishes_of` trusts ``vanishes``."""
     return rule.as_gradient(ctx) if _trusted(type(rule), "as_gradient") else None
 
 
-def _homogeneous_share(ctx: RuleContext, carriers: Sequence[int]) -> tuple[float, None] | None:
-    """``R_i = R / n`` for the ``n`` carriers as a gradient: ``(1/n, None)`` where the op is
-    positively homogeneous in each carrier (:attr:`~dynlrp.ops.OpEntry.homogeneous`: then
-    ``v_i * J_i^T g = z * g``, Euler's identity), else None."""
+def _shared(ctx: RuleContext, carriers: Sequence[int]) -> Gradient | None:
+    """``R_i = R / n`` for ``n`` carriers (the other inputs take nothing) as a gradient: the
+    backward, where the op is positively homogeneous in each carrier
+    (:attr:`~dynlrp.ops.OpEntry.homogeneous`: then ``v_i * J_i^T g = z * g``, Euler's
+    identity); None elsewhere."""
     homogeneous = ctx.entry.homogeneous
     if not carriers or ctx.gn.num_outputs != 1 or any(i not in homogeneous for i in carriers):
         return None
-    return 1.0 / len(carriers), None
+    share = 1.0 / len(carriers)
+    if len(carriers) == len(ctx.reaching):
+        return Gradient(shares=share) if share != 1.0 else _NATIVE
+    return Gradient(shares=tuple(share if i in carriers else 0.0 for i in range(ctx.num_inputs)))
+
+
+def _identity_gradient(ctx: RuleContext) -> Gradient | None:
+    """The identity rule as a gradient: shared (:func:`_shared`) at a homogeneous op, else a
+    ratio ``g * z / v`` for one input shaped like the output (:class:`Gradient`)."""
+    found = _shared(ctx, ctx.reaching)
+    if found is not None or len(ctx.reaching) != 1 or ctx.gn.num_outputs != 1:
+        return found
+    if ctx.input_shape(ctx.reaching[0]) != ctx.gn.meta(0)[0]:
+        return None
+    return Gradient(ratio=True)
 
 
 def _moves_values(ctx: RuleContext) -> bool:
@@ -526,9 +573,9 @@ class Route(Rule):
     def vanishes(self, ctx: RuleContext) -> str | None:
         return "routes" if _moves_values(ctx) else None
 
-    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
         # moving values, J^T (v * g) = v_in * J^T g: the backward itself
-        return (1.0, None) if _moves_values(ctx) else None
+        return _NATIVE if _moves_values(ctx) else None
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         grads = ctx.vjp_all(ctx.relevances)
@@ -1014,6 +1061,11 @@ class SumWithConstants(Rule):
     def per_unit(self, ctx: RuleContext) -> str | None:
         return "divides" if self.eps == 0 and ctx.entry.forward is not None else None
 
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        if ctx.entry.forward is None:
+            return _identity_gradient(ctx)
+        return Gradient(self.eps or None) if ctx.gn.num_outputs == 1 else None
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if ctx.entry.forward is None:
             return Identity()(ctx)
@@ -1071,9 +1123,8 @@ class UniformProduct(Rule):
         gates = gate_factors(ctx.node, reaching, self.activation_gates) if len(reaching) > 1 else set()
         return [i for i in reaching if i not in gates]
 
-    def as_gradient(self, ctx: RuleContext) -> tuple[float, float | None] | None:
-        carriers = self._carriers(ctx)  # (a gate takes nothing, where the backward gives it some)
-        return _homogeneous_share(ctx, carriers) if len(carriers) == len(ctx.reaching) else None
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        return _shared(ctx, self._carriers(ctx))  # (a gate takes nothing)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         carriers = self._carriers(ctx)
@@ -1116,6 +1167,15 @@ class ValuePathEpsilon(Rule):
 
     def per_unit(self, ctx: RuleContext) -> str | None:
         return "divides" if self.eps == 0 else None
+
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        if ctx.fused is not None or ctx.gn.num_outputs != 1:
+            return None
+        kept = self._kept(ctx)
+        share = 1.0 / max(len(kept), 1)
+        if kept and len(kept) == len(ctx.reaching):
+            return Gradient(self.eps or None, share)
+        return Gradient(self.eps or None, tuple(share if i in kept else 0.0 for i in range(ctx.num_inputs)))
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         kept = self._kept(ctx)
@@ -1208,6 +1268,10 @@ class AttnLRPAttention(Rule):
     def per_unit(self, ctx: RuleContext) -> str | None:
         return "divides" if self.eps == 0 else None
 
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        q, k, v = _attention_shares(ctx)
+        return Gradient(self.eps or None, (q, k, v) + (0.0,) * (ctx.num_inputs - 3))
+
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         shares = _attention_shares(ctx)
         grads = ctx.vjp(divide(ctx.relevance, ctx.output, self.eps))
@@ -1236,6 +1300,9 @@ class CPAttention(Rule):
 
     def per_unit(self, ctx: RuleContext) -> str | None:
         return "divides" if self.eps == 0 else None
+
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        return Gradient(self.eps or None, (0.0, 0.0, 1.0) + (0.0,) * (ctx.num_inputs - 3))
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         if 2 not in ctx.reaching:
