@@ -45,7 +45,7 @@ from .ops.common import scalar
 from .plan import Plan, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
-from .rules import Gradient, as_gradient_of, linear_in, passes_of, vanishes_of
+from .rules import NATIVE, Gradient, as_gradient_of, linear_in, passes_of, vanishes_of
 from .saved import apply_node, consume, consumed, consumed_error
 from .values import Parameters, Resolver
 
@@ -146,6 +146,11 @@ class RuleContext:
 
     def input_shape(self, slot: int) -> torch.Size:
         return self._edge_meta(slot)[0]
+
+    def rank(self, fn: Any) -> int | None:
+        """Where autograd node ``fn`` comes in the traversal (every node before its inputs), or
+        None outside it: a node ranked after another cannot have it among its inputs' inputs."""
+        return self._graph.rank(fn)
 
     def forward(self, xs: list) -> torch.Tensor:
         out = self.entry.forward(self.node, xs)
@@ -481,11 +486,11 @@ class LRP:
             form = as_gradient_of(rule, RuleContext(gn, entry, graph, [None], resolver, rule.fused))
             if form is None:
                 return None
-            if not form.native:
+            if form is not NATIVE and not form.native:
                 forms[i] = form
-            inputs = gn.inputs
+            inputs, shares = gn.inputs, form.shares
             for slot in gn.reaching:
-                if form.share(slot):
+                if shares if type(shares) is float else shares[slot]:
                     reached[inputs[slot][0]] = True
         return forms
 

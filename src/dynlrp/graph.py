@@ -123,6 +123,15 @@ class Graph:
     def node(self, fn: Any) -> GNode:
         return self.nodes[self._index[fn]]
 
+    def rank(self, fn: Any) -> int | None:
+        """Where autograd node ``fn`` comes in :attr:`order` (every node before its inputs), or
+        None for a node outside it."""
+        ranks = self.__dict__.get("_ranks")
+        if ranks is None:
+            ranks = self._ranks = {i: at for at, i in enumerate(self.order)}
+        i = self._index.get(fn)
+        return None if i is None else ranks.get(i)
+
     def small(self, limit: int) -> bool:
         """Whether the forward values hold fewer than ``limit`` elements in all, each in the dtype
         relevance is carried in (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16).

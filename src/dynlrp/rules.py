@@ -237,7 +237,7 @@ class Gradient:
         return self.eps is None and self.shares == 1.0 and not self.ratio
 
 
-_NATIVE = Gradient()
+NATIVE = Gradient()  # (the rules that are the backward as it is return this one)
 
 
 class Rule:
@@ -538,7 +538,7 @@ def _shared(ctx: RuleContext, carriers: Sequence[int]) -> Gradient | None:
         return None
     share = 1.0 / len(carriers)
     if len(carriers) == len(ctx.reaching):
-        return Gradient(shares=share) if share != 1.0 else _NATIVE
+        return Gradient(shares=share) if share != 1.0 else NATIVE
     return Gradient(shares=tuple(share if i in carriers else 0.0 for i in range(ctx.num_inputs)))
 
 
@@ -575,7 +575,7 @@ class Route(Rule):
 
     def as_gradient(self, ctx: RuleContext) -> Gradient | None:
         # moving values, J^T (v * g) = v_in * J^T g: the backward itself
-        return _NATIVE if _moves_values(ctx) else None
+        return NATIVE if _moves_values(ctx) else None
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         grads = ctx.vjp_all(ctx.relevances)
@@ -1120,7 +1120,9 @@ class UniformProduct(Rule):
         from .ops.math import gate_factors
 
         reaching = ctx.reaching
-        gates = gate_factors(ctx.node, reaching, self.activation_gates) if len(reaching) > 1 else set()
+        if len(reaching) < 2:
+            return list(reaching)
+        gates = gate_factors(ctx.node, reaching, self.activation_gates, ctx.rank)
         return [i for i in reaching if i not in gates]
 
     def as_gradient(self, ctx: RuleContext) -> Gradient | None:

@@ -707,6 +707,27 @@ def test_gate_factors():
     assert gate_factors((F.silu(gate) * up).grad_fn, (0, 1)) == set()
 
 
+def test_gate_factors_decide_alike_with_the_traversal_rank():
+    """The rank of the traversal only prunes the walk: every product of a small Llama (RMSNorm's
+    gates, SwiGLU, rotary embeddings) gets the same gates with it as without."""
+    pytest.importorskip("transformers")
+    from dynlrp.graph import build
+    from models import tiny_llama
+
+    model, x, forward, _ = tiny_llama()
+    x = x.clone().requires_grad_(True)
+    y = forward(model, x)
+    graph = build([y], [x])
+    products = [gn for gn in graph.nodes if gn.name == "MulBackward0" and len(gn.reaching) == 2]
+    assert len(products) >= 5
+    found = []
+    for gn in products:
+        plain = gate_factors(gn.fn, gn.reaching)
+        assert gate_factors(gn.fn, gn.reaching, rank=graph.rank) == plain
+        found.append(bool(plain))
+    assert any(found) and not all(found)  # (RMSNorm's gates, and products of two activations)
+
+
 # -- embeddings -------------------------------------------------------------------------------
 IDS = torch.tensor([[1, 4, 4, 0], [2, 3, 1, 0]])
 

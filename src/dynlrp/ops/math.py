@@ -22,6 +22,7 @@ normalisation layers and activation functions).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -199,15 +200,22 @@ def source(edge: tuple[Any, int]) -> tuple[Any, int]:
     return fn, k
 
 
-def _reaches(edge: tuple[Any, int], target: tuple[Any, int]) -> bool:
-    """Whether ``target`` lies on a short chain below ``edge`` that passes no weighted map."""
+def _reaches(edge: tuple[Any, int], target: tuple[Any, int],
+             rank: Callable[[Any], int | None] | None = None) -> bool:
+    """Whether ``target`` lies on a short chain below ``edge`` that passes no weighted map.
+
+    ``rank(fn)``: where a node comes in an order that puts every node before its inputs (None
+    where unknown); a node ranked after ``target`` cannot have it below, and is not walked."""
     stack = [(edge, 0)]
     seen = set()
+    last = None if rank is None or target[0] is None else rank(target[0])
     while stack:
         (fn, k), depth = stack.pop()
         if fn is target[0] and k == target[1]:
             return True
         if fn is None or (id(fn), k) in seen or depth >= _GATE_DEPTH:
+            continue
+        if last is not None and (at := rank(fn)) is not None and at > last:
             continue
         seen.add((id(fn), k))
         entry = lookup(fn.name()) if hasattr(fn, "name") else None
@@ -223,7 +231,8 @@ def _is_activation(edge: tuple[Any, int]) -> bool:
     return entry is not None and entry.kind == "elementwise" and fn.name() not in _COPIES
 
 
-def gate_factors(node: Any, slots: tuple[int, ...], activations: bool = False) -> set[int]:
+def gate_factors(node: Any, slots: tuple[int, ...], activations: bool = False,
+                 rank: Callable[[Any], int | None] | None = None) -> set[int]:
     """The factors of the product ``node`` (among input ``slots``) that are gates of another.
 
     Factor ``i`` is a gate of factor ``j`` when ``i`` is computed from ``j``'s source by a
@@ -232,7 +241,7 @@ def gate_factors(node: Any, slots: tuple[int, ...], activations: bool = False) -
     of ``i``. With ``activations=True`` a factor that is the output of a nonlinearity (the
     SiLU of a SwiGLU gate) is a gate of a factor that is not (CP-LRP's gated MLPs). Factors
     computed from distinct projections (``silu(W1 x) * (W2 x)``) are never gates: the chain
-    stops at the weighted maps.
+    stops at the weighted maps. ``rank`` (see :func:`_reaches`) only saves walking.
     """
     edges = {s: node.next_functions[s] for s in slots}
     sources = {s: source(e) for s, e in edges.items()}
@@ -242,7 +251,7 @@ def gate_factors(node: Any, slots: tuple[int, ...], activations: bool = False) -
             if i == j or sources[i] == sources[j]:
                 continue
             # (the test that fails fast first: a factor's chain seldom reaches its gate's source)
-            if not _reaches(edges[j], sources[i]) and _reaches(edges[i], sources[j]):
+            if not _reaches(edges[j], sources[i], rank) and _reaches(edges[i], sources[j], rank):
                 gates.add(i)
     if activations and not gates and len(slots) == 2:
         act = [s for s in slots if _is_activation(sources[s])]
