@@ -288,3 +288,20 @@ def test_every_op_case_against_its_reference(case):
     expected = case.reference(detached(inputs), seed.detach())
     for r, e in zip(rels, expected):
         assert_close(r.to(e.dtype), e, rel=max(case.tol, 1e-5))
+
+
+def test_a_graph_another_call_is_propagating_takes_the_python_traversal():
+    """Hooks on a graph that another call (another thread, ``retain_graph=True``) is propagating
+    on autograd's engine would fire in both: the second call takes the Python traversal."""
+    model, x0 = _model("chain")
+    x = x0.clone().requires_grad_(True)
+    y = model(x)
+    expected, = dynlrp.lrp(y, x, retain_graph=True)
+    y.grad_fn.metadata[gradform._BUSY] = True  # (as during the other call)
+    engine = dynlrp.LRP()
+    r, = engine(y, x, retain_graph=True)
+    assert not engine.stats["by_autograd"]
+    assert_close(r, expected)
+    del y.grad_fn.metadata[gradform._BUSY]
+    engine(y, x)
+    assert engine.stats["by_autograd"] and gradform._BUSY not in y.grad_fn.metadata

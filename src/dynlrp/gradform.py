@@ -28,6 +28,7 @@ needs, the call falls back to the Python traversal.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,10 @@ ENABLED = True
 #: Graphs whose forward values hold fewer elements than this in all (4 MiB of float32) run on
 #: autograd's engine; larger ones take the Python traversal, which frees as it goes.
 MAX_ELEMENTS = 1 << 20
+
+
+_BUSY = "dynlrp: propagating"  # key in a root node's (public) ``metadata`` during a call
+_busy_lock = threading.Lock()
 
 
 class _NoValue(Exception):
@@ -60,10 +65,28 @@ def propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Te
               outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
               resolver: Resolver) -> list | None:
     """The relevance at ``inputs`` (None where none arrives), or None if a hook could not get a
-    value (nothing is freed then: the Python traversal can start over).
+    value (nothing is freed then: the Python traversal can start over), or if another call is
+    propagating the same graph (two calls with ``retain_graph=True``, in two threads).
 
     ``forms`` holds the nodes whose rule is not the backward as it is; every other node on
     the way is (or receives no relevance)."""
+    nodes = graph.nodes
+    roots = [nodes[i].fn for i, _ in graph.roots]
+    with _busy_lock:  # (hooks on a graph another call is propagating would fire in both)
+        if any(fn.metadata.get(_BUSY) for fn in roots):
+            return None
+        for fn in roots:
+            fn.metadata[_BUSY] = True
+    try:
+        return _propagate(graph, forms, seeds, outputs, inputs, resolver)
+    finally:
+        for fn in roots:
+            fn.metadata.pop(_BUSY, None)
+
+
+def _propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Tensor],
+               outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
+               resolver: Resolver) -> list | None:
     nodes = graph.nodes
     handles = []
     for i, form in forms.items():
