@@ -303,6 +303,5 @@ def test_a_graph_another_call_is_propagating_takes_the_python_traversal():
     assert not engine.stats["by_autograd"]
     assert_close(r, expected)
     del y.grad_fn.metadata[gradform._BUSY]
-    engine = dynlrp.LRP()  # (a fresh one: the first engine's plan remembers the Python traversal)
-    engine(y, x)
+    engine(y, x)  # (the plan of the first call, which could not ask, learns the forms now)
     assert engine.stats["by_autograd"] and gradform._BUSY not in y.grad_fn.metadata

@@ -384,6 +384,9 @@ class LRP:
                 result = gradform.propagate(graph, forms, seeds, outputs, inputs, resolver)
                 if result is None:
                     resolver = resolver_for(False, plan)
+                    forms = False  # (and later calls with this plan do not try again)
+                    if plan is not None:
+                        plan.gradients = False
             by_autograd = result is not None
             marks = [] if retain_graph else [consume(fn) for fn in roots]  # (after autograd's pass)
             try:
@@ -410,7 +413,7 @@ class LRP:
         if signature is not None and plan is None:
             with self._lock:
                 self.plans[signature] = Plan(signature, entries, rules, resolver.how, dict(found),
-                                             frozenset(resolver.units), forms if by_autograd else None)
+                                             frozenset(resolver.units), forms)
                 while len(self.plans) > self.max_plans:
                     self.plans.popitem(last=False)
         out = tuple(torch.zeros_like(x) if r is None else r.to(x.dtype) for x, r in zip(inputs, result))
@@ -464,13 +467,20 @@ class LRP:
         """The rules as gradients where the call may run on autograd's engine
         (:mod:`dynlrp.gradform`): ``{node: Gradient}`` for the nodes that are not their backward
         as it is; None where a node that relevance reaches has no gradient form. Known from the
-        plan, or asked of the rules (which fills ``rules``)."""
-        if plan is not None and plan.gradients is None:
+        plan, or asked of the rules (and then kept by the plan)."""
+        known = None if plan is None else plan.gradients
+        if known is False or not gradform.eligible(graph, outputs, seeds):
             return None
-        if not gradform.eligible(graph, outputs, seeds):
-            return None
-        if plan is not None:
-            return plan.gradients
+        if known is not None:
+            return known
+        forms = self._forms(graph, entries, rules, resolver)
+        if plan is not None:  # (a plan made by a call that could not ask learns them now)
+            plan.gradients = False if forms is None else forms
+        return forms
+
+    def _forms(self, graph: Graph, entries: dict, rules: dict,
+               resolver: Resolver) -> dict[int, Gradient] | None:
+        """Each rule that relevance reaches, asked for its gradient form (filling ``rules``)."""
         nodes, rule_at, forms = graph.nodes, self.rules.rule_at, {}
         reached = [False] * len(nodes)  # relevance may arrive (not only through slots that take none)
         for i, _ in graph.roots:

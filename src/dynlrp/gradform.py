@@ -55,10 +55,15 @@ class _NoValue(Exception):
 
 def eligible(graph: Graph, outputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor]) -> bool:
     """Whether the call may run on autograd's engine, its rules aside: a small graph
-    (:data:`MAX_ELEMENTS`) in a dtype relevance is carried in, and no seed on an output value of 0."""
-    if not ENABLED or not graph.small(MAX_ELEMENTS):
+    (:data:`MAX_ELEMENTS`) in a dtype relevance is carried in, no seed on an output value of 0,
+    and no other call propagating the same graph on autograd's engine."""
+    if not ENABLED or not graph.small(MAX_ELEMENTS) or _busy(graph):
         return False
     return not any(bool(((y == 0) & (r != 0)).any()) for y, r in zip(outputs, seeds))
+
+
+def _busy(graph: Graph) -> bool:
+    return any(graph.nodes[i].fn.metadata.get(_BUSY) for i, _ in graph.roots)
 
 
 def propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Tensor],

@@ -35,9 +35,9 @@ class Plan:
     how: dict[Edge, tuple]
     stats: dict[str, float]
     units: frozenset[Edge] = frozenset()  # values the first call left unbuilt (costly)
-    #: the rules as gradients (:mod:`dynlrp.gradform`): the nodes whose rule scales the backward,
-    #: or None where the first call took the Python traversal
-    gradients: dict[int, tuple] | None = None
+    #: the rules as gradients (:mod:`dynlrp.gradform`): the nodes whose rule is not the backward as
+    #: it is; False where some rule has no such form or autograd's pass failed; None: not asked yet
+    gradients: dict[int, Any] | bool | None = None
 
 
 class PlannedResolver(Resolver):
