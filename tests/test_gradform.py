@@ -73,6 +73,9 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
         return freeze(randomize_affine(ResidualCNN(bias=True))), torch.randn(2, 3, 8, 8)
     if name == "gated":
         return freeze(Gated()), torch.randn(3, 4)
+    if name == "norm":  # a layer norm's rule maps by its adjoint with the statistics held constant
+        model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 4))
+        return freeze(randomize_affine(model)), torch.randn(3, 6)
     if name == "tanh":  # the identity at an op that is not homogeneous: g * z / v
         model = freeze(randomize_affine(MLP(bias=True)))
         model[1] = nn.Tanh()
@@ -82,7 +85,7 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
 
 @pytest.mark.parametrize("rules", [None, "epsilon", LRP0, {"linear": dynlrp.rules.Epsilon(0.25)}],
                          ids=["default", "epsilon", "lrp0", "eps0.25"])
-@pytest.mark.parametrize("name", ["chain", "mlp", "cnn", "residual", "gated", "tanh"])
+@pytest.mark.parametrize("name", ["chain", "mlp", "cnn", "residual", "gated", "tanh", "norm"])
 def test_autograds_engine_gives_the_python_traversals_relevance(name, rules):
     model, x0 = _model(name)
 

@@ -99,6 +99,9 @@ def _propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.T
         if form.ratio:
             handles.append(fn.register_hook(_ratio(graph, resolver, i)))
             continue
+        if form.adjoint:
+            handles.append(fn.register_hook(_adjoint(graph, resolver, i, form.eps)))
+            continue
         uniform = type(form.shares) is float
         if form.eps is not None or (uniform and form.shares != 1.0):
             handles.append(fn.register_prehook(_scaling(graph, resolver, i, form.share(0) if uniform else 1.0,
@@ -168,6 +171,25 @@ def _ratio(graph: Graph, resolver: Resolver, i: int):
         if zg.masked_fill(v != 0, 0).any():  # relevance on an input value of 0: no gradient has it
             raise _NoValue(f"relevance reaches an input value of 0 at {gn.name}")
         out[slot] = zg.div_(torch.where(v == 0, torch.ones_like(v), v))
+        return tuple(out)
+
+    return hook
+
+
+def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float):
+    """Node ``i``'s post-hook for a rule that maps by the op's affine adjoint (a normalisation
+    with its statistics held constant): input 0 gets ``J_c^T (g * z / stab(z))`` in place of
+    the backward."""
+    gn = graph.nodes[i]
+
+    def hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
+        g = grad_outputs[0]
+        out: list = [None] * len(grad_inputs)
+        if g is not None:
+            z = _exact(graph, resolver, (i, 0), i, g)
+            s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
+            affine = gn.entry.affine(gn.fn, 0)
+            out[0] = affine.adjoint(s, affine.weight.detach())
         return tuple(out)
 
     return hook

@@ -226,6 +226,9 @@ class Gradient:
     eps: float | None = None
     shares: float | tuple[float, ...] = 1.0
     ratio: bool = False
+    #: the op's affine adjoint (:attr:`~dynlrp.ops.Affine.adjoint`, statistics held constant) in
+    #: place of its backward, for input 0: ``g_0 = J_c^T (g * z / stab(z))``
+    adjoint: bool = False
 
     def share(self, slot: int) -> float:
         shares = self.shares
@@ -234,7 +237,7 @@ class Gradient:
     @property
     def native(self) -> bool:
         """The backward as it is: autograd's engine needs no hook at the node."""
-        return self.eps is None and self.shares == 1.0 and not self.ratio
+        return self.eps is None and self.shares == 1.0 and not (self.ratio or self.adjoint)
 
 
 NATIVE = Gradient()  # (the rules that are the backward as it is return this one)
@@ -1205,6 +1208,14 @@ class ConstantDenominator(Rule):
 
     def needs(self, ctx: RuleContext) -> Needs:
         return _needs(inputs=ctx.graph_inputs if 0 in ctx.reaching else (), output=0 in ctx.reaching)
+
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        if ctx.reaching != (0,) or ctx.gn.num_outputs != 1 or ctx.entry.affine is None:
+            return None
+        affine = ctx.entry.affine(ctx.node, 0)
+        if affine is None or affine.adjoint is None:
+            return None
+        return Gradient(self.eps, adjoint=True)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         from .ops import MissingOperand
