@@ -308,3 +308,23 @@ def test_a_graph_another_call_is_propagating_takes_the_python_traversal():
     del y.grad_fn.metadata[gradform._BUSY]
     engine(y, x)  # (the plan of the first call, which could not ask, learns the forms now)
     assert engine.stats["by_autograd"] and gradform._BUSY not in y.grad_fn.metadata
+
+
+def test_tensor_hooks_run_on_autograds_engine_and_not_on_the_python_traversal():
+    """Documented: hooks registered on the forward's tensors run during a call on autograd's
+    engine (with relevance per unit of value); ``gradform.ENABLED = False`` keeps them out."""
+    model, x0 = _model("mlp")
+    calls = []
+    for enabled in (True, False):
+        gradform.ENABLED = enabled
+        try:
+            x = x0.clone().requires_grad_(True)
+            h = model[0](x)
+            h.register_hook(lambda g: calls.append(enabled))
+            y = model[4](model[3](model[2](model[1](h))))
+            engine = dynlrp.LRP("epsilon")
+            engine(y, x, model=model)
+        finally:
+            gradform.ENABLED = True
+        assert engine.stats["by_autograd"] == enabled
+    assert calls == [True]
