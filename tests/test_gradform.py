@@ -83,8 +83,9 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     raise ValueError(name)
 
 
-@pytest.mark.parametrize("rules", [None, "epsilon", LRP0, {"linear": dynlrp.rules.Epsilon(0.25)}],
-                         ids=["default", "epsilon", "lrp0", "eps0.25"])
+@pytest.mark.parametrize("rules", [None, "epsilon", LRP0, {"linear": dynlrp.rules.Epsilon(0.25)},
+                                   {**LRP0, "norm": dynlrp.rules.ConstantDenominator(0.0)}],
+                         ids=["default", "epsilon", "lrp0", "eps0.25", "norm0"])
 @pytest.mark.parametrize("name", ["chain", "mlp", "cnn", "residual", "gated", "tanh", "norm"])
 def test_autograds_engine_gives_the_python_traversals_relevance(name, rules):
     model, x0 = _model(name)

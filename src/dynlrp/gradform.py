@@ -176,18 +176,20 @@ def _ratio(graph: Graph, resolver: Resolver, i: int):
     return hook
 
 
-def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float):
+def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float | None):
     """Node ``i``'s post-hook for a rule that maps by the op's affine adjoint (a normalisation
-    with its statistics held constant): input 0 gets ``J_c^T (g * z / stab(z))`` in place of
-    the backward."""
+    with its statistics held constant): input 0 gets ``J_c^T (g * z / stab(z))`` (``J_c^T g``
+    without ``eps``) in place of the backward."""
     gn = graph.nodes[i]
 
     def hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
         g = grad_outputs[0]
         out: list = [None] * len(grad_inputs)
         if g is not None:
-            z = _exact(graph, resolver, (i, 0), i, g)
-            s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
+            s = g
+            if eps is not None:
+                z = _exact(graph, resolver, (i, 0), i, g)
+                s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
             affine = gn.entry.affine(gn.fn, 0)
             out[0] = affine.adjoint(s, affine.weight.detach())
         return tuple(out)

@@ -227,8 +227,13 @@ class Gradient:
     shares: float | tuple[float, ...] = 1.0
     ratio: bool = False
     #: the op's affine adjoint (:attr:`~dynlrp.ops.Affine.adjoint`, statistics held constant) in
-    #: place of its backward, for input 0: ``g_0 = J_c^T (g * z / stab(z))``
+    #: place of its backward, for input 0: ``g_0 = J_c^T (g * z / stab(z))`` (``J_c^T g`` without eps)
     adjoint: bool = False
+
+    def __post_init__(self) -> None:
+        shares = self.shares
+        object.__setattr__(self, "shares", tuple(map(float, shares)) if isinstance(shares, (tuple, list))
+                           else float(shares))
 
     def share(self, slot: int) -> float:
         shares = self.shares
@@ -1215,7 +1220,7 @@ class ConstantDenominator(Rule):
         affine = ctx.entry.affine(ctx.node, 0)
         if affine is None or affine.adjoint is None:
             return None
-        return Gradient(self.eps, adjoint=True)
+        return Gradient(self.eps or None, adjoint=True)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         from .ops import MissingOperand
