@@ -28,6 +28,7 @@ needs, the call falls back to the Python traversal.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 
@@ -96,11 +97,10 @@ def _propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.T
     handles = []
     for i, form in forms.items():
         fn = nodes[i].fn
-        if form.ratio:
-            handles.append(fn.register_hook(_ratio(graph, resolver, i)))
-            continue
-        if form.adjoint:
-            handles.append(fn.register_hook(_adjoint(graph, resolver, i, form.eps)))
+        if form.ratio or form.adjoint:  # (the backward is replaced; autograd allows no way to skip it)
+            replace = _ratio(graph, resolver, i) if form.ratio else _adjoint(graph, resolver, i, form.eps)
+            handles.append(fn.register_hook(lambda grad_inputs, grad_outputs, replace=replace:
+                                            replace(len(grad_inputs), grad_outputs[0])))
             continue
         uniform = type(form.shares) is float
         if form.eps is not None or (uniform and form.shares != 1.0):
@@ -154,37 +154,38 @@ def _sharing(shares: tuple[float, ...]):
 
 
 def _ratio(graph: Graph, resolver: Resolver, i: int):
-    """Node ``i``'s post-hook for the identity at an op that is not homogeneous: its one input
-    that carries relevance gets ``g * z / v`` in place of the backward (``R_v = R_z``)."""
+    """The replacement of node ``i``'s backward for the identity at an op that is not
+    homogeneous: its one input that carries relevance gets ``g * z / v`` (``R_v = R_z``)."""
     gn = graph.nodes[i]
     slot = gn.reaching[0]
     edge = gn.inputs[slot]
 
-    def hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
-        g = grad_outputs[0]
-        out: list = [None] * len(grad_inputs)
+    def replace(n: int, g: torch.Tensor | None) -> tuple:
+        out: list = [None] * n
         if g is None:
             return tuple(out)
         z = _exact(graph, resolver, (i, 0), i, g)
         v = _exact(graph, resolver, edge, i, g)
         zg = torch.mul(g, z)
-        if zg.masked_fill(v != 0, 0).any():  # relevance on an input value of 0: no gradient has it
-            raise _NoValue(f"relevance reaches an input value of 0 at {gn.name}")
-        out[slot] = zg.div_(torch.where(v == 0, torch.ones_like(v), v))
+        q = zg / v
+        if not (q.is_cpu and math.isfinite(q.sum())):  # (a zero in v: one pass tells, on the CPU)
+            if zg.masked_fill(v != 0, 0).any():  # relevance on an input value of 0: no g has it
+                raise _NoValue(f"relevance reaches an input value of 0 at {gn.name}")
+            q = zg.div_(torch.where(v == 0, torch.ones_like(v), v))
+        out[slot] = q
         return tuple(out)
 
-    return hook
+    return replace
 
 
 def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float | None):
-    """Node ``i``'s post-hook for a rule that maps by the op's affine adjoint (a normalisation
-    with its statistics held constant): input 0 gets ``J_c^T (g * z / stab(z))`` (``J_c^T g``
-    without ``eps``) in place of the backward."""
+    """The replacement of node ``i``'s backward for a rule that maps by the op's affine adjoint (a
+    normalisation with its statistics held constant): input 0 gets ``J_c^T (g * z / stab(z))``
+    (``J_c^T g`` without ``eps``)."""
     gn = graph.nodes[i]
 
-    def hook(grad_inputs: tuple, grad_outputs: tuple) -> tuple:
-        g = grad_outputs[0]
-        out: list = [None] * len(grad_inputs)
+    def replace(n: int, g: torch.Tensor | None) -> tuple:
+        out: list = [None] * n
         if g is not None:
             s = g
             if eps is not None:
@@ -194,7 +195,7 @@ def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float | None):
             out[0] = affine.adjoint(s, affine.weight.detach())
         return tuple(out)
 
-    return hook
+    return replace
 
 
 def _exact(graph: Graph, resolver: Resolver, edge: Edge, requester: int, g: torch.Tensor) -> torch.Tensor:
