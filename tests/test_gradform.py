@@ -21,7 +21,7 @@ from models import CNN, LRP0, MLP, ResidualCNN, assert_close, freeze, per_row_se
 def _autograds_engine(monkeypatch):
     """The library's defaults: small graphs run on autograd's engine."""
     monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 1 << 14)
-    monkeypatch.setattr(gradform, "MAX_ELEMENTS", 1 << 20)
+    monkeypatch.setattr(gradform, "MAX_ELEMENTS", None)
 
 
 def both(fn):
@@ -329,3 +329,43 @@ def test_tensor_hooks_run_on_autograds_engine_and_not_on_the_python_traversal():
             gradform.ENABLED = True
         assert engine.stats["by_autograd"] == enabled
     assert calls == [True]
+
+
+def test_a_large_graph_frees_its_saved_tensors_when_autograds_pass_ends():
+    """Autograd's pass keeps the saved tensors (its hooks read them); a call without
+    ``retain_graph`` frees them when the pass ends, as the Python traversal does as it goes, and
+    the hooks' values leave the memo once used."""
+    from dynlrp.saved import saved
+
+    l1 = nn.Linear(4, 1 << 14, bias=False).requires_grad_(False)
+    l2 = nn.Linear(1 << 14, 3, bias=False).requires_grad_(False)
+    x = torch.randn(1, 4, requires_grad=True)
+    y = l2(torch.relu(l1(x)))
+    relu = y.grad_fn.next_functions[0][0]
+    made = []
+
+    class Kept(dynlrp.engine.PromiseResolver):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    gradform_engine = dynlrp.LRP()
+    real = dynlrp.engine.PromiseResolver
+    dynlrp.engine.PromiseResolver = Kept
+    try:
+        r, = gradform_engine(y, x)
+    finally:
+        dynlrp.engine.PromiseResolver = real
+    assert gradform_engine.stats["by_autograd"]
+    with pytest.raises(dynlrp.GraphFreedError):
+        saved(relu, "result")
+    first = relu.next_functions[0][0]  # (the first product's output was asked for, and dropped)
+    assert first.name() == "MmBackward0"
+    assert (made[0].graph.node(first).index, 0) not in made[0].memo
+    gradform.ENABLED = False
+    try:
+        x2 = x.detach().clone().requires_grad_(True)
+        expected, = dynlrp.LRP()(l2(torch.relu(l1(x2))), x2)
+    finally:
+        gradform.ENABLED = True
+    assert_close(r, expected)

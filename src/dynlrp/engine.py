@@ -389,6 +389,8 @@ class LRP:
                         plan.gradients = False
             by_autograd = result is not None
             marks = [] if retain_graph else [consume(fn) for fn in roots]  # (after autograd's pass)
+            if by_autograd and not retain_graph:
+                resolver.free_all()  # (autograd's pass kept them: its hooks read them)
             try:
                 if not by_autograd:
                     result = self._propagate(graph, entries, rules, seeds, resolver, False)

@@ -41,9 +41,9 @@ from .values import Resolver
 
 #: Off: every call takes the Python traversal (the tests compare the two).
 ENABLED = True
-#: Graphs whose forward values hold fewer elements than this in all (4 MiB of float32) run on
-#: autograd's engine; larger ones take the Python traversal, which frees as it goes.
-MAX_ELEMENTS = 1 << 20
+#: Graphs whose forward values hold this many elements or more in all take the Python traversal
+#: (None: no limit). The tests set 0 to take the Python traversal everywhere.
+MAX_ELEMENTS: int | None = None
 
 
 _BUSY = "dynlrp: propagating"  # key in a root node's (public) ``metadata`` during a call
@@ -58,7 +58,7 @@ def eligible(graph: Graph, outputs: Sequence[torch.Tensor], seeds: Sequence[torc
     """Whether the call may run on autograd's engine, its rules aside: a small graph
     (:data:`MAX_ELEMENTS`) in a dtype relevance is carried in, no seed on an output value of 0,
     and no other call propagating the same graph on autograd's engine."""
-    if not ENABLED or not graph.small(MAX_ELEMENTS) or _busy(graph):
+    if not ENABLED or not graph.fits(MAX_ELEMENTS) or _busy(graph):
         return False
     return not any(bool(((y == 0) & (r != 0)).any()) for y, r in zip(outputs, seeds))
 
@@ -136,6 +136,8 @@ def _scaling(graph: Graph, resolver: Resolver, i: int, share: float, eps: float 
         else:
             z = _exact(graph, resolver, (i, 0), i, g)  # (g * z is 0 where z is: stab(0)'s sign is idle)
             s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
+            del z
+            resolver.forget((i, 0))
             if share != 1.0:
                 s.mul_(share)
         return (s, *grads[1:])
@@ -167,6 +169,9 @@ def _ratio(graph: Graph, resolver: Resolver, i: int):
         z = _exact(graph, resolver, (i, 0), i, g)
         v = _exact(graph, resolver, edge, i, g)
         zg = torch.mul(g, z)
+        del z
+        resolver.forget((i, 0))
+        resolver.forget(edge)
         q = zg / v
         if not (q.is_cpu and math.isfinite(q.sum())):  # (a zero in v: one pass tells, on the CPU)
             if zg.masked_fill(v != 0, 0).any():  # relevance on an input value of 0: no g has it
@@ -191,6 +196,8 @@ def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float | None):
             if eps is not None:
                 z = _exact(graph, resolver, (i, 0), i, g)
                 s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
+                del z
+                resolver.forget((i, 0))
             affine = gn.entry.affine(gn.fn, 0)
             out[0] = affine.adjoint(s, affine.weight.detach())
         return tuple(out)

@@ -132,11 +132,11 @@ class Graph:
         i = self._index.get(fn)
         return None if i is None else ranks.get(i)
 
-    def small(self, limit: int) -> bool:
-        """Whether the forward values hold fewer than ``limit`` elements in all, each in the dtype
-        relevance is carried in (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16).
-        Read from the metadata autograd keeps, decoded or not (one pass, stopping at the first
-        value that fails)."""
+    def fits(self, limit: int | None = None) -> bool:
+        """Whether every forward value is in the dtype relevance is carried in
+        (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16) and, given a ``limit``, the
+        values hold fewer than ``limit`` elements in all. Read from the metadata autograd keeps,
+        decoded or not (one pass, stopping at the first value that fails)."""
         prod, left = math.prod, limit
         for gn in self.nodes:
             metas = gn._meta
@@ -144,9 +144,12 @@ class Graph:
                 metas = gn._raw if gn._raw is not None else [gn.meta(0)]
             for m in metas:
                 shape, dtype = (m[0], m[1]) if type(m) is tuple else (m.shape, m.dtype)
-                left -= prod(shape)
-                if left <= 0 or compute_dtype(dtype) != dtype:
+                if compute_dtype(dtype) != dtype:
                     return False
+                if left is not None:
+                    left -= prod(shape)
+                    if left <= 0:
+                        return False
         return True
 
     def signature(self) -> tuple:

@@ -258,6 +258,20 @@ class Resolver:
             known = self._invertible[x] = entry is not None and entry.inverse is not None
         return known
 
+    def forget(self, edge: Edge) -> None:
+        """Drop ``edge``'s value from the memo (not a tensor the caller passed): a request that
+        comes again rebuilds it (autograd's engine asks for each value once: :mod:`dynlrp.gradform`)."""
+        if edge not in self._given:
+            self.memo.pop(edge, None)
+
+    def free_all(self) -> None:
+        """Free the saved tensors of every node worth freeing (:meth:`_worth_freeing`) at once: the
+        end of a call that could not free them as it went (autograd's engine)."""
+        if self.holds_large():
+            for i in range(len(self.graph.nodes)):
+                if self._worth_freeing(i):
+                    self._free_saved(i)
+
     def _free_saved(self, i: int) -> None:
         if release(self.graph.nodes[i].fn):  # (leaves are never worth freeing: _worth_freeing)
             self.graph.freed[i] = True
