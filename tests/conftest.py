@@ -56,8 +56,8 @@ def _free_every_tensor(monkeypatch):
 @pytest.fixture(autouse=True)
 def _python_traversal(monkeypatch):
     """Take the Python traversal, whose every step (promises, freeing, rules) the tests inspect;
-    tests/test_gradform.py runs autograd's engine (dynlrp.gradform, the default for small
-    graphs) against it and against the op references."""
+    tests/test_gradform.py runs autograd's engine (dynlrp.gradform, the default wherever the
+    rules are gradients) against it and against the op references."""
     monkeypatch.setattr(dynlrp.gradform, "MAX_ELEMENTS", 0)
 
 

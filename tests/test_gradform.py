@@ -1,7 +1,7 @@
 """Relevance propagated by autograd's engine (dynlrp.gradform) against the Python traversal.
 
-Where every rule on the way is a gradient (``Rule.as_gradient``) and the graph holds no large
-value, a call runs on autograd's engine with pre-hooks; it must give the Python traversal's
+Where every rule on the way is a gradient (``Rule.as_gradient``), a call runs on autograd's
+engine with hooks; it must give the Python traversal's
 relevance, leave the graph as the Python traversal does, and fall back to it wherever it does
 not apply. (The other tests take the Python traversal, tests/conftest.py: here the defaults are
 restored.)"""
@@ -21,7 +21,7 @@ from models import CNN, LRP0, MLP, ResidualCNN, assert_close, freeze, per_row_se
 def _autograds_engine(monkeypatch):
     """The library's defaults: small graphs run on autograd's engine."""
     monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 1 << 14)
-    monkeypatch.setattr(gradform, "MAX_ELEMENTS", None)
+    monkeypatch.setattr(gradform, "MAX_ELEMENTS", 1 << 20)
 
 
 def both(fn):
@@ -166,8 +166,8 @@ def test_several_inputs_and_an_intermediate_one():
 
 @pytest.mark.parametrize("case", ["large", "bfloat16", "z_plus", "flat_input", "seed_at_zero"])
 def test_where_autograds_engine_does_not_apply_the_python_traversal_runs(monkeypatch, case):
-    """A large graph (the Python traversal frees as it goes), a dtype carried wider, a rule that is
-    no gradient (z+), a rule that gives relevance to inputs of value 0 (flat: ``R = 0 * g`` has
+    """A graph over the size limit (``gradform.MAX_ELEMENTS``), a dtype carried wider, a rule that
+    is no gradient (z+), a rule that gives relevance to inputs of value 0 (flat: ``R = 0 * g`` has
     no ``g``), relevance on an output value of 0."""
     model, x = _model("mlp")
     rules = "epsilon"
@@ -331,12 +331,13 @@ def test_tensor_hooks_run_on_autograds_engine_and_not_on_the_python_traversal():
     assert calls == [True]
 
 
-def test_a_large_graph_frees_its_saved_tensors_when_autograds_pass_ends():
+def test_a_large_graph_frees_its_saved_tensors_when_autograds_pass_ends(monkeypatch):
     """Autograd's pass keeps the saved tensors (its hooks read them); a call without
     ``retain_graph`` frees them when the pass ends, as the Python traversal does as it goes, and
     the hooks' values leave the memo once used."""
     from dynlrp.saved import saved
 
+    monkeypatch.setattr(gradform, "MAX_ELEMENTS", None)  # (no limit: as a user may set it)
     l1 = nn.Linear(4, 1 << 14, bias=False).requires_grad_(False)
     l2 = nn.Linear(1 << 14, 3, bias=False).requires_grad_(False)
     x = torch.randn(1, 4, requires_grad=True)

@@ -304,7 +304,7 @@ class LRP:
     stats
         After a call: ``nodes``, ``promises``, ``pre_promises``, ``promise_internal_nodes``,
         ``mean_promise_path``, ``promise_density`` (paper Table 4) and more; ``by_autograd``:
-        whether autograd's engine propagated (small graphs whose rules are all gradients:
+        whether autograd's engine propagated (where the rules are all gradients:
         :mod:`dynlrp.gradform`; the Promise System statistics then count only the values its
         hooks asked for).
     """

@@ -16,14 +16,16 @@ the relevance at the inputs, ``x * g``: the traversal, the sums of relevance and
 every unscaled node run in autograd's C++ engine, and Python runs only the scaled nodes'
 hooks, each asking the resolver (the Promise System, or a tape) for its output ``z``.
 
-The engine uses it for small graphs (:data:`MAX_ELEMENTS` elements in all:
-:meth:`Graph.small <dynlrp.graph.Graph.small>`), where the per-node bookkeeping of the Python
-traversal (:meth:`dynlrp.engine.LRP._propagate`) is most of the call; large graphs keep the
-Python traversal, which frees saved tensors as it goes (here they stay until the graph is
-dropped), and so does every graph with a node on the way whose rule has no gradient form, a
-seed on an output value of 0 (``R = 0 * g`` has no ``g``), or a dtype that relevance is carried
-wider than (float16: autograd would carry ``g`` in float16). If a hook cannot get a value it
-needs, the call falls back to the Python traversal.
+The engine takes this path for graphs under :data:`MAX_ELEMENTS` values in all where every rule
+that relevance reaches has a gradient form, the values are in a dtype relevance is carried in
+(float16: autograd would carry ``g`` in float16), no seed sits on an output value of 0
+(``R = 0 * g`` has no ``g``) and no other call is propagating the same graph; else the Python
+traversal (:meth:`dynlrp.engine.LRP._propagate`). There the per-node bookkeeping of the Python
+traversal is most of the call. Memory: each hook's values leave the resolver's memo once used;
+the saved tensors stay for the whole pass (the hooks read them: ``retain_graph=True``) and a call
+without ``retain_graph`` frees them when it ends (the Python traversal frees them as it goes).
+If a hook cannot get a value it needs, or autograd's pass fails otherwise, the call starts over
+on the Python traversal, which gives the relevance or the typed error.
 """
 
 from __future__ import annotations
@@ -41,9 +43,12 @@ from .values import Resolver
 
 #: Off: every call takes the Python traversal (the tests compare the two).
 ENABLED = True
-#: Graphs whose forward values hold this many elements or more in all take the Python traversal
-#: (None: no limit). The tests set 0 to take the Python traversal everywhere.
-MAX_ELEMENTS: int | None = None
+#: Graphs whose forward values hold this many elements or more in all (4 MiB of float32) take the
+#: Python traversal, which frees saved tensors as it goes and keeps within the memory of a
+#: gradient (None: no limit; the tests set 0 to take the Python traversal everywhere). On the
+#: transformers of benchmarks/compare.py autograd's engine was faster, but its extra peak memory
+#: reached 1.24x the gradient's on BERT at batch 8 and 1.5x on VGG16 (docs/performance.md).
+MAX_ELEMENTS: int | None = 1 << 20
 
 
 _BUSY = "dynlrp: propagating"  # key in a root node's (public) ``metadata`` during a call
@@ -55,8 +60,8 @@ class _NoValue(Exception):
 
 
 def eligible(graph: Graph, outputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor]) -> bool:
-    """Whether the call may run on autograd's engine, its rules aside: a small graph
-    (:data:`MAX_ELEMENTS`) in a dtype relevance is carried in, no seed on an output value of 0,
+    """Whether the call may run on autograd's engine, its rules aside: values in a dtype relevance is
+    carried in (and under :data:`MAX_ELEMENTS` in all, if set), no seed on an output value of 0,
     and no other call propagating the same graph on autograd's engine."""
     if not ENABLED or not graph.fits(MAX_ELEMENTS) or _busy(graph):
         return False
