@@ -132,6 +132,19 @@ class Graph:
         i = self._index.get(fn)
         return None if i is None else ranks.get(i)
 
+    def large(self, limit: int) -> list[int]:
+        """The nodes with an output of ``limit`` elements or more (read as :meth:`fits` reads)."""
+        prod, found = math.prod, []
+        for gn in self.nodes:
+            metas = gn._meta
+            if metas is None:
+                metas = gn._raw if gn._raw is not None else [gn.meta(0)]
+            for m in metas:
+                if prod(m[0] if type(m) is tuple else m.shape) >= limit:
+                    found.append(gn.index)
+                    break
+        return found
+
     def fits(self, limit: int | None = None) -> bool:
         """Whether every forward value is in the dtype relevance is carried in
         (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16) and, given a ``limit``, the

@@ -265,12 +265,17 @@ class Resolver:
             self.memo.pop(edge, None)
 
     def free_all(self) -> None:
-        """Free the saved tensors of every node worth freeing (:meth:`_worth_freeing`) at once: the
-        end of a call that could not free them as it went (autograd's engine)."""
-        if self.holds_large():
-            for i in range(len(self.graph.nodes)):
-                if self._worth_freeing(i):
-                    self._free_saved(i)
+        """Free the saved tensors of every node worth freeing (:meth:`_worth_freeing`: a large input
+        or output) at once: the end of a call that could not free them as it went (autograd's
+        engine). Only the large values' nodes and their consumers are looked at."""
+        nodes = self.graph.nodes
+        candidates = set()
+        for i in self.graph.large(RELEASE_MIN):
+            candidates.add(i)
+            candidates.update(c for c, _ in nodes[i].consumers)
+        for i in sorted(candidates):
+            if self._worth_freeing(i):
+                self._free_saved(i)
 
     def _free_saved(self, i: int) -> None:
         if release(self.graph.nodes[i].fn):  # (leaves are never worth freeing: _worth_freeing)
