@@ -226,8 +226,7 @@ class Resolver:
         (worked out once per call; a large graph answers at its first large value). A node is
         worth freeing only where one of its inputs or outputs is large, so a graph of small
         tensors skips the freeing bookkeeping altogether (about 5% of the call on 2,000 tiny
-        nodes), and frees nothing, as it would have; such a graph may also be propagated by
-        autograd's engine (:mod:`dynlrp.gradform`)."""
+        nodes), and frees nothing, as it would have."""
         known = self._any_large
         if known is None:
             big = self._big
