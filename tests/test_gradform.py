@@ -370,3 +370,21 @@ def test_a_large_graph_frees_its_saved_tensors_when_autograds_pass_ends(monkeypa
     finally:
         gradform.ENABLED = True
     assert_close(r, expected)
+
+
+def test_several_outputs_with_their_seeds():
+    """Two outputs, one of them computed from the other's hidden layer, each with its seed."""
+    model, x0 = _model("mlp")
+
+    def run():
+        x = x0.clone().requires_grad_(True)
+        h = model[1](model[0](x))
+        y1 = model[4](model[3](model[2](h)))
+        y2 = h.sum(1, keepdim=True) * 2.0
+        engine = dynlrp.LRP("epsilon")
+        return engine((y1, y2), (x, h), (torch.ones_like(y1), y2.detach()), model=model), engine.stats
+
+    fast, stats_fast, slow, _ = both(run)
+    assert stats_fast["by_autograd"]
+    for a, b in zip(fast, slow):
+        assert_close(a, b)
