@@ -388,3 +388,50 @@ def test_several_outputs_with_their_seeds():
     assert stats_fast["by_autograd"]
     for a, b in zip(fast, slow):
         assert_close(a, b)
+
+
+def test_a_graph_over_the_settling_size_frees_as_autograds_pass_goes(monkeypatch):
+    """Over ``SETTLE_ELEMENTS`` each node settles once run (a post-hook, as the Python traversal's
+    ``done``): the saved tensors are freed during the pass, and the relevance is the same."""
+    from dynlrp.saved import saved
+
+    monkeypatch.setattr(gradform, "MAX_ELEMENTS", None)
+    monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 64)
+    model, x0 = _model("cnn")
+    x = x0.clone().requires_grad_(True)
+    y = model(x)
+    relus = [fn for fn in _nodes(y) if fn.name() == "ReluBackward0"]
+    freed_during = []
+    real = dynlrp.values.Resolver._free_saved
+
+    def spy(self, i):
+        freed_during.append(i)
+        return real(self, i)
+
+    monkeypatch.setattr(dynlrp.values.Resolver, "_free_saved", spy)
+    monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 64)
+    monkeypatch.setattr(dynlrp.values.Resolver, "free_all", lambda self: None)  # (only as it goes)
+    engine = dynlrp.LRP("epsilon")
+    r, = engine(y, x, model=model)
+    assert engine.stats["by_autograd"] and freed_during
+    for fn in relus:
+        with pytest.raises(dynlrp.GraphFreedError):
+            saved(fn, "result")
+    gradform.ENABLED = False
+    try:
+        x2 = x0.clone().requires_grad_(True)
+        expected, = dynlrp.LRP("epsilon")(model(x2), x2, model=model)
+    finally:
+        gradform.ENABLED = True
+    assert_close(r, expected)
+
+
+def _nodes(y):
+    seen, stack = [], [y.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.append(fn)
+        stack.extend(c for c, _ in fn.next_functions)
+    return seen

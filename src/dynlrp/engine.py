@@ -381,7 +381,8 @@ class LRP:
             forms = self._gradient_forms(graph, entries, rules, resolver, plan, outputs, seeds)
             result = None
             if forms is not None:  # autograd's engine propagates (it frees nothing: a failure starts over)
-                result = gradform.propagate(graph, forms, seeds, outputs, inputs, resolver)
+                settle = resolver.release_saved and gradform.may_settle(graph)
+                result = gradform.propagate(graph, forms, seeds, outputs, inputs, resolver, settle)
                 if result is None:
                     resolver = resolver_for(False, plan)
                     forms = False  # (and later calls with this plan do not try again)

@@ -44,11 +44,16 @@ from .values import Resolver
 #: Off: every call takes the Python traversal (the tests compare the two).
 ENABLED = True
 #: Graphs whose forward values hold this many elements or more in all (4 MiB of float32) take the
-#: Python traversal, which frees saved tensors as it goes and keeps within the memory of a
-#: gradient (None: no limit; the tests set 0 to take the Python traversal everywhere). On the
-#: transformers of benchmarks/compare.py autograd's engine was faster, but its extra peak memory
-#: reached 1.24x the gradient's on BERT at batch 8 and 1.5x on VGG16 (docs/performance.md).
+#: Python traversal, which keeps within the memory of a gradient (None: no limit; the tests set
+#: 0 to take the Python traversal everywhere). On the transformers of benchmarks/compare.py
+#: autograd's engine was faster, but its extra peak memory reached 1.24x the gradient's on BERT
+#: at batch 8: the hooks' temporaries at the first GELU, before anything can be freed
+#: (docs/performance.md).
 MAX_ELEMENTS: int | None = 1 << 20
+#: Graphs whose values hold this many elements or more in all are freed as autograd's pass goes
+#: (a post-hook per node settles it, :meth:`Resolver.done <dynlrp.values.Resolver.done>`);
+#: smaller ones at its end (:meth:`Resolver.free_all <dynlrp.values.Resolver.free_all>`).
+SETTLE_ELEMENTS = 1 << 20
 
 
 _BUSY = "dynlrp: propagating"  # key in a root node's (public) ``metadata`` during a call
@@ -68,13 +73,20 @@ def eligible(graph: Graph, outputs: Sequence[torch.Tensor], seeds: Sequence[torc
     return not any(bool(((y == 0) & (r != 0)).any()) for y, r in zip(outputs, seeds))
 
 
+def may_settle(graph: Graph) -> bool:
+    """Whether the graph is large enough to be settled as the pass goes (:data:`SETTLE_ELEMENTS`;
+    never under a :data:`MAX_ELEMENTS` no larger, which the graph already met)."""
+    limit = MAX_ELEMENTS
+    return (limit is None or limit > SETTLE_ELEMENTS) and not graph.fits(SETTLE_ELEMENTS)
+
+
 def _busy(graph: Graph) -> bool:
     return any(graph.nodes[i].fn.metadata.get(_BUSY) for i, _ in graph.roots)
 
 
 def propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Tensor],
               outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
-              resolver: Resolver) -> list | None:
+              resolver: Resolver, settle: bool = False) -> list | None:
     """The relevance at ``inputs`` (None where none arrives), or None if a hook could not get a
     value (nothing is freed then: the Python traversal can start over), or if another call is
     propagating the same graph (two calls with ``retain_graph=True``, in two threads).
@@ -89,7 +101,7 @@ def propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Te
         for fn in roots:
             fn.metadata[_BUSY] = True
     try:
-        return _propagate(graph, forms, seeds, outputs, inputs, resolver)
+        return _propagate(graph, forms, seeds, outputs, inputs, resolver, settle)
     finally:
         for fn in roots:
             fn.metadata.pop(_BUSY, None)
@@ -97,7 +109,7 @@ def propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Te
 
 def _propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Tensor],
                outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
-               resolver: Resolver) -> list | None:
+               resolver: Resolver, settle: bool) -> list | None:
     nodes = graph.nodes
     handles = []
     for i, form in forms.items():
@@ -113,6 +125,10 @@ def _propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.T
                                                         form.eps)))
         if not uniform:
             handles.append(fn.register_hook(_sharing(form.shares)))
+    if settle:  # each node, once run (after its rule's hooks), settles as in the Python traversal
+        for i in graph.order:
+            if not nodes[i].is_leaf:
+                handles.append(nodes[i].fn.register_hook(_settling(resolver, i)))
     grads = [torch.where(y == 0, torch.zeros_like(r), r / y) for y, r in zip(outputs, seeds)]
     try:
         found = torch.autograd.grad(list(outputs), list(inputs), grads, retain_graph=True, allow_unused=True)
@@ -150,6 +166,18 @@ def _scaling(graph: Graph, resolver: Resolver, i: int, share: float, eps: float 
     return hook
 
 
+def _settling(resolver: Resolver, i: int):
+    """A post-hook: node ``i`` was propagated (:meth:`Resolver.done
+    <dynlrp.values.Resolver.done>`: its saved tensors are freed once no request below can read
+    them, its values once no consumer can ask)."""
+
+    def hook(grad_inputs: tuple, grad_outputs: tuple) -> None:
+        resolver.processed[i] = True
+        resolver.done(i)
+
+    return hook
+
+
 def _sharing(shares: tuple[float, ...]):
     """A post-hook: the backward's ``g_i`` times ``shares[i]`` (None where the share is 0)."""
 
@@ -171,14 +199,14 @@ def _ratio(graph: Graph, resolver: Resolver, i: int):
         out: list = [None] * n
         if g is None:
             return tuple(out)
-        z = _exact(graph, resolver, (i, 0), i, g)
-        v = _exact(graph, resolver, edge, i, g)
-        zg = torch.mul(g, z)
-        del z
+        zg = torch.mul(g, _exact(graph, resolver, (i, 0), i, g))  # (z is dropped at once)
         resolver.forget((i, 0))
+        v = _exact(graph, resolver, edge, i, g)
         resolver.forget(edge)
-        q = zg / v
+        q = zg.div_(v)  # (in place: one tensor of the output's size, not three)
         if not (q.is_cpu and math.isfinite(q.sum())):  # (a zero in v: one pass tells, on the CPU)
+            zg = torch.mul(g, _exact(graph, resolver, (i, 0), i, g))
+            resolver.forget((i, 0))
             if zg.masked_fill(v != 0, 0).any():  # relevance on an input value of 0: no g has it
                 raise _NoValue(f"relevance reaches an input value of 0 at {gn.name}")
             q = zg.div_(torch.where(v == 0, torch.ones_like(v), v))
