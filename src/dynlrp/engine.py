@@ -501,10 +501,9 @@ class LRP:
                 return None
             if form is not NATIVE and not form.native:
                 forms[i] = form
-            inputs, shares = gn.inputs, form.shares
             for slot in gn.reaching:
-                if shares if type(shares) is float else shares[slot]:
-                    reached[inputs[slot][0]] = True
+                if form.share(slot):
+                    reached[gn.inputs[slot][0]] = True
         return forms
 
     def _propagate(self, graph: Graph, entries: dict, rules: dict, seeds: list, resolver: Resolver,

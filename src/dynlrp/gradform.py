@@ -93,10 +93,9 @@ def propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Te
 
     ``forms`` holds the nodes whose rule is not the backward as it is; every other node on
     the way is (or receives no relevance)."""
-    nodes = graph.nodes
-    roots = [nodes[i].fn for i, _ in graph.roots]
+    roots = [graph.nodes[i].fn for i, _ in graph.roots]
     with _busy_lock:  # (hooks on a graph another call is propagating would fire in both)
-        if any(fn.metadata.get(_BUSY) for fn in roots):
+        if _busy(graph):
             return None
         for fn in roots:
             fn.metadata[_BUSY] = True
@@ -155,10 +154,7 @@ def _scaling(graph: Graph, resolver: Resolver, i: int, share: float, eps: float 
         if eps is None:
             s = g * share
         else:
-            z = _exact(graph, resolver, (i, 0), i, g)  # (g * z is 0 where z is: stab(0)'s sign is idle)
-            s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
-            del z
-            resolver.forget((i, 0))
+            s = _stabilized(graph, resolver, i, g, eps)
             if share != 1.0:
                 s.mul_(share)
         return (s, *grads[1:])
@@ -225,17 +221,21 @@ def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float | None):
     def replace(n: int, g: torch.Tensor | None) -> tuple:
         out: list = [None] * n
         if g is not None:
-            s = g
-            if eps is not None:
-                z = _exact(graph, resolver, (i, 0), i, g)
-                s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
-                del z
-                resolver.forget((i, 0))
+            s = g if eps is None else _stabilized(graph, resolver, i, g, eps)
             affine = gn.entry.affine(gn.fn, 0)
             out[0] = affine.adjoint(s, affine.weight.detach())
         return tuple(out)
 
     return replace
+
+
+def _stabilized(graph: Graph, resolver: Resolver, i: int, g: torch.Tensor, eps: float) -> torch.Tensor:
+    """``g * z / stab(z)`` for node ``i``'s output ``z`` (a new tensor; ``z`` leaves the memo).
+    ``g * z`` is 0 where ``z`` is, so the sign ``stab(0)`` takes is idle."""
+    z = _exact(graph, resolver, (i, 0), i, g)
+    s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
+    resolver.forget((i, 0))
+    return s
 
 
 def _exact(graph: Graph, resolver: Resolver, edge: Edge, requester: int, g: torch.Tensor) -> torch.Tensor:

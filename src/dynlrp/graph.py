@@ -132,37 +132,37 @@ class Graph:
         i = self._index.get(fn)
         return None if i is None else ranks.get(i)
 
-    def large(self, limit: int) -> list[int]:
-        """The nodes with an output of ``limit`` elements or more (read as :meth:`fits` reads)."""
-        prod, found = math.prod, []
+    def _values(self):
+        """``(node index, shape, dtype)`` of every forward value, from the metadata autograd keeps,
+        decoded (:meth:`GNode.meta`) or not (what :func:`~dynlrp.saved.node_facts` read)."""
         for gn in self.nodes:
             metas = gn._meta
             if metas is None:
                 metas = gn._raw if gn._raw is not None else [gn.meta(0)]
             for m in metas:
-                if prod(m[0] if type(m) is tuple else m.shape) >= limit:
-                    found.append(gn.index)
-                    break
-        return found
+                if type(m) is tuple:
+                    yield gn.index, m[0], m[1]
+                else:
+                    yield gn.index, m.shape, m.dtype
+
+    def large(self, limit: int) -> list[int]:
+        """The nodes with an output of ``limit`` elements or more."""
+        prod = math.prod
+        return list(dict.fromkeys(i for i, shape, _ in self._values() if prod(shape) >= limit))
 
     def fits(self, limit: int | None = None) -> bool:
         """Whether every forward value is in the dtype relevance is carried in
         (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16) and, given a ``limit``, the
-        values hold fewer than ``limit`` elements in all. Read from the metadata autograd keeps,
-        decoded or not (one pass, stopping at the first value that fails)."""
+        values hold fewer than ``limit`` elements in all (one pass, stopping at the first value
+        that fails)."""
         prod, left = math.prod, limit
-        for gn in self.nodes:
-            metas = gn._meta
-            if metas is None:
-                metas = gn._raw if gn._raw is not None else [gn.meta(0)]
-            for m in metas:
-                shape, dtype = (m[0], m[1]) if type(m) is tuple else (m.shape, m.dtype)
-                if compute_dtype(dtype) != dtype:
+        for _, shape, dtype in self._values():
+            if compute_dtype(dtype) != dtype:
+                return False
+            if left is not None:
+                left -= prod(shape)
+                if left <= 0:
                     return False
-                if left is not None:
-                    left -= prod(shape)
-                    if left <= 0:
-                        return False
         return True
 
     def signature(self) -> tuple:

@@ -245,7 +245,7 @@ class Gradient:
         return self.eps is None and self.shares == 1.0 and not (self.ratio or self.adjoint)
 
 
-NATIVE = Gradient()  # (the rules that are the backward as it is return this one)
+NATIVE = Gradient()  # (the backward as it is; `Gradient.native` tells an equal one made elsewhere)
 
 
 class Rule:
@@ -544,10 +544,17 @@ def _shared(ctx: RuleContext, carriers: Sequence[int]) -> Gradient | None:
     homogeneous = ctx.entry.homogeneous
     if not carriers or ctx.gn.num_outputs != 1 or any(i not in homogeneous for i in carriers):
         return None
-    share = 1.0 / len(carriers)
-    if len(carriers) == len(ctx.reaching):
-        return Gradient(shares=share) if share != 1.0 else NATIVE
-    return Gradient(shares=tuple(share if i in carriers else 0.0 for i in range(ctx.num_inputs)))
+    return _spread(ctx, carriers)
+
+
+def _spread(ctx: RuleContext, slots: Sequence[int], eps: float | None = None) -> Gradient:
+    """``1/n`` of the backward to each of ``n`` slots and nothing to the other inputs, after a
+    stabiliser ``eps``: one share for all where ``slots`` are all the inputs that lead to a
+    requested input, else one per input."""
+    share = 1.0 / max(len(slots), 1)
+    if slots and len(slots) == len(ctx.reaching):
+        return Gradient(eps, share)
+    return Gradient(eps, tuple(share if i in slots else 0.0 for i in range(ctx.num_inputs)))
 
 
 def _identity_gradient(ctx: RuleContext) -> Gradient | None:
@@ -1181,11 +1188,7 @@ class ValuePathEpsilon(Rule):
     def as_gradient(self, ctx: RuleContext) -> Gradient | None:
         if ctx.fused is not None or ctx.gn.num_outputs != 1:
             return None
-        kept = self._kept(ctx)
-        share = 1.0 / max(len(kept), 1)
-        if kept and len(kept) == len(ctx.reaching):
-            return Gradient(self.eps or None, share)
-        return Gradient(self.eps or None, tuple(share if i in kept else 0.0 for i in range(ctx.num_inputs)))
+        return _spread(ctx, self._kept(ctx), self.eps or None)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         kept = self._kept(ctx)
