@@ -14,14 +14,25 @@ from torch import nn
 
 import dynlrp
 from dynlrp import gradform
-from models import CNN, LRP0, MLP, ResidualCNN, assert_close, freeze, per_row_seed, randomize_affine
+from models import (
+    CNN,
+    LRP0,
+    MLP,
+    ConvBNBlock,
+    DownsampleBlock,
+    ResidualCNN,
+    assert_close,
+    freeze,
+    per_row_seed,
+    randomize_affine,
+)
 
 
 @pytest.fixture(autouse=True)
 def _autograds_engine(monkeypatch):
-    """The library's defaults: small graphs run on autograd's engine."""
+    """The library's defaults: graphs run on autograd's engine whatever their size."""
     monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 1 << 14)
-    monkeypatch.setattr(gradform, "MAX_ELEMENTS", 1 << 20)
+    monkeypatch.setattr(gradform, "MAX_ELEMENTS", None)
 
 
 def both(fn):
@@ -76,6 +87,14 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     if name == "norm":  # a layer norm's rule maps by its adjoint with the statistics held constant
         model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 4))
         return freeze(randomize_affine(model)), torch.randn(3, 6)
+    if name == "bn":  # convolutions folded with the eval batch norms after them (epsilon presets)
+        model = nn.Sequential(ConvBNBlock(3), DownsampleBlock(3, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(4, 5))
+        return freeze(randomize_affine(model)).eval(), torch.randn(2, 3, 8, 8)
+    if name == "silu":  # the identity at SiLU and GELU: g * f(v) / v from the input (OpEntry.quotient)
+        model = nn.Sequential(nn.Linear(6, 8), nn.SiLU(), nn.Linear(8, 8), nn.GELU(approximate="tanh"),
+                              nn.Linear(8, 8), nn.Hardswish(), nn.Linear(8, 4))
+        return freeze(randomize_affine(model)), torch.randn(3, 6)
     if name == "tanh":  # the identity at an op that is not homogeneous: g * z / v
         model = freeze(randomize_affine(MLP(bias=True)))
         model[1] = nn.Tanh()
@@ -86,7 +105,7 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
 @pytest.mark.parametrize("rules", [None, "epsilon", LRP0, {"linear": dynlrp.rules.Epsilon(0.25)},
                                    {**LRP0, "norm": dynlrp.rules.ConstantDenominator(0.0)}],
                          ids=["default", "epsilon", "lrp0", "eps0.25", "norm0"])
-@pytest.mark.parametrize("name", ["chain", "mlp", "cnn", "residual", "gated", "tanh", "norm"])
+@pytest.mark.parametrize("name", ["chain", "mlp", "cnn", "residual", "bn", "gated", "silu", "tanh", "norm"])
 def test_autograds_engine_gives_the_python_traversals_relevance(name, rules):
     model, x0 = _model(name)
 
@@ -337,7 +356,6 @@ def test_a_large_graph_frees_its_saved_tensors_when_autograds_pass_ends(monkeypa
     the hooks' values leave the memo once used."""
     from dynlrp.saved import saved
 
-    monkeypatch.setattr(gradform, "MAX_ELEMENTS", None)  # (no limit: as a user may set it)
     l1 = nn.Linear(4, 1 << 14, bias=False).requires_grad_(False)
     l2 = nn.Linear(1 << 14, 3, bias=False).requires_grad_(False)
     x = torch.randn(1, 4, requires_grad=True)
@@ -395,7 +413,6 @@ def test_a_graph_over_the_settling_size_frees_as_autograds_pass_goes(monkeypatch
     ``done``): the saved tensors are freed during the pass, and the relevance is the same."""
     from dynlrp.saved import saved
 
-    monkeypatch.setattr(gradform, "MAX_ELEMENTS", None)
     monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 64)
     model, x0 = _model("cnn")
     x = x0.clone().requires_grad_(True)
@@ -435,3 +452,194 @@ def _nodes(y):
         seen.append(fn)
         stack.extend(c for c, _ in fn.next_functions)
     return seen
+
+
+@pytest.mark.parametrize("op", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU(), nn.Hardswish()],
+                         ids=["gelu", "gelu_tanh", "silu", "hardswish"])
+def test_an_ops_quotient_is_its_output_over_its_input(op):
+    """``OpEntry.quotient`` writes ``f(x) / x`` into the tensor it is given (at 0: ``f'(0)``, the
+    limit), for x over a wide range."""
+    x = torch.cat([torch.linspace(-12, 12, 97), torch.tensor([0.0, 1e-4, -1e-4])]).double()
+    x.requires_grad_(True)
+    y = op(x)
+    node = y.grad_fn
+    out = torch.empty_like(x)
+    q = dynlrp.ops.lookup(node.name()).quotient(node, x.detach(), out)
+    assert q is out
+    nonzero = x.detach() != 0
+    torch.testing.assert_close(q[nonzero], (y / x).detach()[nonzero], rtol=1e-6, atol=1e-12)
+    zero = torch.zeros(1, dtype=torch.double, requires_grad=True)
+    slope, = torch.autograd.grad(op(zero).sum(), zero)
+    torch.testing.assert_close(q[~nonzero], slope.expand(int((~nonzero).sum())))
+
+
+def test_an_input_value_of_zero_at_gelu_stays_on_autograds_engine():
+    """``g * f(v) / v`` needs no division by ``v``: relevance on a GELU whose input is exactly 0
+    (the generic ratio ``g * z / v`` cannot divide there) is still carried by autograd's engine."""
+    lin = freeze(randomize_affine(nn.Linear(4, 3)))
+
+    def run():
+        x = torch.tensor([[0.0, 1.5, -0.5, 2.0], [0.0, 0.0, 1.0, -1.0]], requires_grad=True)
+        y = lin(nn.functional.gelu(x))
+        engine = dynlrp.LRP("epsilon")
+        r, = engine(y, x, torch.ones_like(y))
+        return r, engine.stats
+
+    fast, stats_fast, slow, _ = both(run)
+    assert stats_fast["by_autograd"]
+    assert_close(fast, slow)
+    assert (fast[:, 0] == 0).all()
+
+
+def test_the_ratio_hook_writes_into_the_gradient_the_backward_made(monkeypatch):
+    """The ratio hook holds no more memory than the backward it replaces: it writes into the
+    gradient the op's backward just made, unless that shares memory with ``g`` (or a held
+    value)."""
+    g = torch.randn(3, 4)
+    fresh = torch.empty(3, 4)
+    assert gradform._scratch(fresh, g) is fresh
+    for aliased in (g, g.view(4, 3).view(3, 4), None, torch.empty(4, 3), fresh.t()):
+        made = gradform._scratch(aliased, g)
+        assert made is not aliased and made.shape == g.shape
+    assert gradform._scratch(fresh, g, fresh[0]) is not fresh
+    reused = []
+    real = gradform._scratch
+
+    def spy(native, g, *held):
+        found = real(native, g, *held)
+        reused.append(found is native)
+        return found
+
+    monkeypatch.setattr(gradform, "_scratch", spy)
+    model, x0 = _model("silu")
+    x = x0.clone().requires_grad_(True)
+    engine = dynlrp.LRP("epsilon")
+    engine(model(x), x, model=model)
+    assert engine.stats["by_autograd"] and reused == [True, True, True]
+
+
+def test_relevance_at_a_second_output_of_a_hooked_node_takes_the_python_traversal():
+    """The hooks scale or replace the ``g`` of a node's first output only: where relevance reaches
+    another output of a node that needs a hook, the call takes the Python traversal."""
+
+    class Halving(dynlrp.rules.Route):  # (a hook at the split: half of the backward)
+        def as_gradient(self, ctx):
+            return dynlrp.rules.Gradient(shares=0.5)
+
+    lin = freeze(randomize_affine(nn.Linear(2, 3)))
+    for used, on_autograd in ((0, True), (1, False)):
+        x = torch.randn(4, 4, requires_grad=True)
+        parts = torch.relu(x).split([2, 2], dim=1)
+        y = lin(parts[used])
+        engine = dynlrp.LRP({"SplitWithSizesBackward0": Halving()})
+        r, = engine(y, x, torch.ones_like(y))
+        assert engine.stats["by_autograd"] == on_autograd
+        assert r.shape == x.shape
+
+
+def _sigmoid_model() -> tuple[nn.Module, torch.Tensor]:
+    """A layer whose first output is exactly 0 for every input, then a sigmoid (``f(0) = 1/2``):
+    relevance on an input value of 0, which ``g * z / v`` cannot carry."""
+    model = freeze(randomize_affine(nn.Sequential(nn.Linear(4, 6), nn.Sigmoid(), nn.Linear(6, 3))))
+    with torch.no_grad():
+        model[0].weight[0] = 0.0
+        model[0].bias[0] = 0.0
+    return model, torch.randn(5, 4)
+
+
+def test_an_input_value_of_zero_at_a_ratio_keeps_the_pass_from_freeing_as_it_goes(monkeypatch):
+    """Over ``SETTLE_ELEMENTS`` a pass frees as it goes, after which the Python traversal could not
+    start over: it first looks for input values of 0 at the ratio hooks (which would fail it), and
+    finding one frees nothing; the Python traversal then gives the relevance."""
+    monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 16)
+    monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 16)
+    model, x0 = _sigmoid_model()
+    settles = []
+    real = gradform._settles
+    monkeypatch.setattr(gradform, "_settles", lambda *a: settles.append(real(*a)) or settles[-1])
+
+    def run():
+        x = x0.clone().requires_grad_(True)
+        y = model(x)
+        engine = dynlrp.LRP("epsilon")
+        r, = engine(y, x, torch.ones_like(y))
+        return r, engine.stats
+
+    fast, stats_fast, slow, _ = both(run)
+    assert settles == [False] and not stats_fast["by_autograd"]
+    assert_close(fast, slow)
+    with torch.no_grad():
+        model[0].bias[0] = 0.5  # (no zero: the pass settles as it goes)
+    fast, stats_fast, slow, _ = both(run)
+    assert settles == [False, True] and stats_fast["by_autograd"]
+    assert_close(fast, slow)
+
+
+@pytest.mark.parametrize("failing_hook", [3, 4])
+def test_a_pass_that_fails_after_freeing_recovers_or_says_so(monkeypatch, failing_hook):
+    """A hook that fails after the pass freed values on the way (here: made to fail, at the third
+    or the last of the four hooks' value requests): the Python traversal starts over, which the
+    Promise System may still serve from what is left (the third), or which the error explains:
+    what failed, and how to get the relevance (the last)."""
+    monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 64)
+    monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 64)
+    model, x0 = _model("cnn")
+    x = x0.clone().requires_grad_(True)
+    expected, = dynlrp.LRP("epsilon")(model(x), x, model=model)
+    real, calls = gradform._output, []
+
+    def late_failure(graph, resolver, i, g, clip):
+        calls.append(i)
+        if len(calls) == failing_hook:
+            raise dynlrp.UnrecoverableValueError("not here")
+        return real(graph, resolver, i, g, clip)
+
+    monkeypatch.setattr(gradform, "_output", late_failure)
+    engine = dynlrp.LRP("epsilon")
+    if failing_hook == 4:
+        with pytest.raises(dynlrp.GraphFreedError, match=r"could not finish the propagation \(not here\)"):
+            engine(model(x), x, model=model)
+    else:
+        r, = engine(model(x), x, model=model)
+        assert not engine.stats["by_autograd"]
+        assert_close(r, expected)
+    calls.clear()
+    y = model(x)
+    r, = engine(y, x, model=model, retain_graph=True)  # (nothing freed: it starts over)
+    assert not engine.stats["by_autograd"]
+    assert_close(r, expected)
+
+
+def test_a_tensor_modified_in_place_is_named_after_a_pass_that_freed_on_the_way(monkeypatch):
+    """Autograd's pass meets a saved tensor modified in place after freeing values on the way: the
+    error is the typed one, whichever of the two paths finds it."""
+    monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 64)
+    monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 64)
+    model, x0 = _model("cnn")
+    x = x0.clone().requires_grad_(True)
+    e = torch.exp(x)
+    y = model(e)
+    e.add_(1.0)  # (saved by exp and by the first convolution)
+    with pytest.raises(dynlrp.errors.ModifiedInPlaceError):
+        dynlrp.LRP("epsilon")(y, x, model=model)
+
+
+def test_a_large_graph_mostly_under_stabilising_hooks_takes_the_python_traversal(monkeypatch):
+    """Over ``SMALL_ELEMENTS`` autograd's engine is taken unless the nodes whose hook stabilises
+    hold more than ``STABILISED_SHARE`` of the values (a CNN under the epsilon rule): there the
+    Python traversal is the faster."""
+    monkeypatch.setattr(gradform, "SMALL_ELEMENTS", 64)
+    model, x0 = _model("cnn")
+    for rules, share, on_autograd in (("epsilon", 0.25, False), ("epsilon", 1.0, True), (LRP0, 0.25, True)):
+        monkeypatch.setattr(gradform, "STABILISED_SHARE", share)
+        x = x0.clone().requires_grad_(True)
+        y = model(x)
+        engine = dynlrp.LRP(rules)
+        r, = engine(y, x, model=model)
+        assert engine.stats["by_autograd"] == on_autograd
+        gradform.ENABLED = False
+        try:
+            expected, = dynlrp.LRP(rules)(model(x), x, model=model)
+        finally:
+            gradform.ENABLED = True
+        assert_close(r, expected)

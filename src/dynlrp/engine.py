@@ -38,7 +38,15 @@ import torch
 
 from . import gradform, ops, presets
 from .dtypes import compute_dtype
-from .errors import GraphError, LRPError, NonFiniteRelevanceError, UnknownOpError, UnrecoverableValueError
+from .errors import (
+    GraphError,
+    GraphFreedError,
+    LRPError,
+    ModifiedInPlaceError,
+    NonFiniteRelevanceError,
+    UnknownOpError,
+    UnrecoverableValueError,
+)
 from .graph import GNode, Graph, build
 from .ops import ClippedValue, NonnegativeValue, Value
 from .ops.common import scalar
@@ -379,15 +387,19 @@ class LRP:
         with torch.no_grad(), _deep_recursion(len(graph.nodes)):
             resolver = resolver_for(False, plan)
             forms = self._gradient_forms(graph, entries, rules, resolver, plan, outputs, seeds)
-            result = None
-            if forms is not None:  # autograd's engine propagates (it frees nothing: a failure starts over)
+            result = failed = None
+            if forms is not None:  # autograd's engine propagates (a failure starts over)
                 settle = resolver.release_saved and gradform.may_settle(graph)
-                result = gradform.propagate(graph, forms, seeds, outputs, inputs, resolver, settle)
+                try:
+                    result = gradform.propagate(graph, forms, seeds, outputs, inputs, resolver, settle)
+                except gradform.Failed as exc:
+                    failed = exc
                 if result is None:
                     resolver = resolver_for(False, plan)
-                    forms = False  # (and later calls with this plan do not try again)
-                    if plan is not None:
-                        plan.gradients = False
+                    if failed is not None:
+                        forms = False  # (and later calls with this plan do not try again)
+                        if plan is not None:
+                            plan.gradients = False
             by_autograd = result is not None
             marks = [] if retain_graph else [consume(fn) for fn in roots]  # (after autograd's pass)
             if by_autograd and not retain_graph:
@@ -395,6 +407,10 @@ class LRP:
             try:
                 if not by_autograd:
                     result = self._propagate(graph, entries, rules, seeds, resolver, False)
+            except GraphFreedError as exc:
+                if failed is not None and any(graph.freed):  # (freed by autograd's pass as it went)
+                    raise _restart_error(failed) from exc
+                raise
             except Exception:
                 if not any(graph.freed):  # it failed before freeing anything: the graph serves again
                     for undo in marks:
@@ -469,7 +485,8 @@ class LRP:
                         outputs: tuple, seeds: list) -> dict[int, Gradient] | None:
         """The rules as gradients where the call may run on autograd's engine
         (:mod:`dynlrp.gradform`): ``{node: Gradient}`` for the nodes that are not their backward
-        as it is; None where a node that relevance reaches has no gradient form. Known from the
+        as it is; None where a node that relevance reaches has no gradient form, or where autograd's
+        engine is not worth taking (:func:`gradform.worth <dynlrp.gradform.worth>`). Known from the
         plan, or asked of the rules (and then kept by the plan)."""
         known = None if plan is None else plan.gradients
         if known is False or not gradform.eligible(graph, outputs, seeds):
@@ -477,17 +494,21 @@ class LRP:
         if known is not None:
             return known
         forms = self._forms(graph, entries, rules, resolver)
+        if forms is not None and not gradform.worth(graph, forms):
+            forms = None
         if plan is not None:  # (a plan made by a call that could not ask learns them now)
             plan.gradients = False if forms is None else forms
         return forms
 
     def _forms(self, graph: Graph, entries: dict, rules: dict,
                resolver: Resolver) -> dict[int, Gradient] | None:
-        """Each rule that relevance reaches, asked for its gradient form (filling ``rules``)."""
+        """Each rule that relevance reaches, asked for its gradient form (filling ``rules``); None
+        also where relevance reaches an output other than the first of a node that needs a hook
+        (the hooks scale or replace the first output's ``g`` only)."""
         nodes, rule_at, forms = graph.nodes, self.rules.rule_at, {}
-        reached = [False] * len(nodes)  # relevance may arrive (not only through slots that take none)
-        for i, _ in graph.roots:
-            reached[i] = True
+        reached = [0] * len(nodes)  # relevance may arrive (not only through slots that take none):
+        for i, k in graph.roots:  # 1 through the first output, 2 through another
+            reached[i] |= 2 if k else 1
         for i in graph.order:
             gn = nodes[i]
             if gn.is_leaf or not reached[i]:
@@ -499,11 +520,19 @@ class LRP:
             form = as_gradient_of(rule, RuleContext(gn, entry, graph, [None], resolver, rule.fused))
             if form is None:
                 return None
+            if form.at is not None:  # (a fold: the op after this one, already walked, scales g)
+                forms.pop(form.at, None)
+                if form.eps is not None:
+                    forms[form.at] = Gradient(form.eps)
+                form = Gradient(None, form.shares)
             if form is not NATIVE and not form.native:
+                if reached[i] & 2:
+                    return None
                 forms[i] = form
             for slot in gn.reaching:
                 if form.share(slot):
-                    reached[gn.inputs[slot][0]] = True
+                    j, k = gn.inputs[slot]
+                    reached[j] |= 2 if k else 1
         return forms
 
     def _propagate(self, graph: Graph, entries: dict, rules: dict, seeds: list, resolver: Resolver,
@@ -714,6 +743,20 @@ def _unknown(resolver: Resolver, edge: tuple[int, int]) -> UnrecoverableValueErr
         "Pass the model (`model=`) or record the forward pass: "
         "`with dynlrp.record() as tape: y = model(x)` then `dynlrp.lrp(y, x, tape=tape)`."
     )
+
+
+def _restart_error(failed: Exception) -> Exception:
+    """The error of a call whose pass on autograd's engine failed after freeing forward values as
+    it went, so that the Python traversal could not start over: a tensor modified in place is said
+    as such; anything else names the failure and the way around it."""
+    if "modified by an inplace operation" in str(failed):
+        return ModifiedInPlaceError(
+            f"a tensor saved by the forward pass was modified in place after it ({failed}). Run the "
+            "forward pass again, or clone the tensor before modifying it.")
+    return GraphFreedError(
+        f"autograd's engine could not finish the propagation ({failed}) after freeing forward values "
+        "on the way, and the Python traversal cannot start over without them. Run the forward pass "
+        "again and explain with `dynlrp.gradform.ENABLED = False`, or pass `retain_graph=True`.")
 
 
 def _settled(r: Any, resolver: Resolver, edge: tuple[int, int]) -> Any:

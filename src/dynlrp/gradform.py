@@ -16,14 +16,17 @@ the relevance at the inputs, ``x * g``: the traversal, the sums of relevance and
 every unscaled node run in autograd's C++ engine, and Python runs only the scaled nodes'
 hooks, each asking the resolver (the Promise System, or a tape) for its output ``z``.
 
-The engine takes this path for graphs under :data:`MAX_ELEMENTS` values in all where every rule
-that relevance reaches has a gradient form, the values are in a dtype relevance is carried in
-(float16: autograd would carry ``g`` in float16), no seed sits on an output value of 0
-(``R = 0 * g`` has no ``g``) and no other call is propagating the same graph; else the Python
-traversal (:meth:`dynlrp.engine.LRP._propagate`). There the per-node bookkeeping of the Python
-traversal is most of the call. Memory: each hook's values leave the resolver's memo once used;
-the saved tensors stay for the whole pass (the hooks read them: ``retain_graph=True``) and a call
-without ``retain_graph`` frees them when it ends (the Python traversal frees them as it goes).
+The engine takes this path where every rule that relevance reaches has a gradient form, the
+values are in a dtype relevance is carried in (float16: autograd would carry ``g`` in float16),
+no seed sits on an output value of 0 (``R = 0 * g`` has no ``g``), no other call is propagating
+the same graph, and the graph is under :data:`MAX_ELEMENTS` values if that is set; else the Python
+traversal (:meth:`dynlrp.engine.LRP._propagate`). On small graphs the per-node bookkeeping of the
+Python traversal is most of the call; on large ones autograd's engine saves the rules' Python
+and some passes over each layer's output. Memory: each hook's values leave the resolver's memo
+once used, and a hook that replaces a backward writes into the gradient that backward just made
+(:func:`_scratch`), so it holds no more than the backward; the saved tensors stay for the pass
+(the hooks read them: ``retain_graph=True``) and a call without ``retain_graph`` frees them when
+it ends, or, over :data:`SETTLE_ELEMENTS`, node by node as it goes (as the Python traversal does).
 If a hook cannot get a value it needs, or autograd's pass fails otherwise, the call starts over
 on the Python traversal, which gives the relevance or the typed error.
 """
@@ -37,19 +40,22 @@ from collections.abc import Sequence
 import torch
 
 from .graph import Edge, Graph
-from .ops import ClippedValue
 from .rules import Gradient, stabilize
 from .values import Resolver
 
 #: Off: every call takes the Python traversal (the tests compare the two).
 ENABLED = True
-#: Graphs whose forward values hold this many elements or more in all (4 MiB of float32) take the
-#: Python traversal, which keeps within the memory of a gradient (None: no limit; the tests set
-#: 0 to take the Python traversal everywhere). On the transformers of benchmarks/compare.py
-#: autograd's engine was faster, but its extra peak memory reached 1.24x the gradient's on BERT
-#: at batch 8: the hooks' temporaries at the first GELU, before anything can be freed
-#: (docs/performance.md).
-MAX_ELEMENTS: int | None = 1 << 20
+#: Graphs whose forward values hold this many elements or more in all take the Python traversal
+#: (None, the default: no limit; the tests set 0 to take the Python traversal everywhere). On the
+#: models of benchmarks/compare.py autograd's engine is faster and its extra peak memory within
+#: the Python traversal's (docs/performance.md).
+MAX_ELEMENTS: int | None = None
+#: Graphs whose values hold fewer elements than this in all take autograd's engine wherever they
+#: can: there the Python traversal's bookkeeping per node is most of the call (:func:`worth`).
+SMALL_ELEMENTS = 1 << 20
+#: Larger graphs take it unless the nodes whose hook stabilises (``g * z / stab(z)``) hold more
+#: than this share of the values (:func:`worth`).
+STABILISED_SHARE = 0.25
 #: Graphs whose values hold this many elements or more in all are freed as autograd's pass goes
 #: (a post-hook per node settles it, :meth:`Resolver.done <dynlrp.values.Resolver.done>`);
 #: smaller ones at its end (:meth:`Resolver.free_all <dynlrp.values.Resolver.free_all>`).
@@ -64,6 +70,12 @@ class _NoValue(Exception):
     """A hook could not get an exact value it needs (the call falls back)."""
 
 
+class Failed(Exception):
+    """Autograd's pass failed (its ``__cause__`` says why): the Python traversal starts over. It
+    can where nothing was freed yet; a pass that settles as it goes (over
+    :data:`SETTLE_ELEMENTS`) checks first what it can (:func:`_settles`)."""
+
+
 def eligible(graph: Graph, outputs: Sequence[torch.Tensor], seeds: Sequence[torch.Tensor]) -> bool:
     """Whether the call may run on autograd's engine, its rules aside: values in a dtype relevance is
     carried in (and under :data:`MAX_ELEMENTS` in all, if set), no seed on an output value of 0,
@@ -71,6 +83,23 @@ def eligible(graph: Graph, outputs: Sequence[torch.Tensor], seeds: Sequence[torc
     if not ENABLED or not graph.fits(MAX_ELEMENTS) or _busy(graph):
         return False
     return not any(bool(((y == 0) & (r != 0)).any()) for y, r in zip(outputs, seeds))
+
+
+def worth(graph: Graph, forms: dict[int, Gradient]) -> bool:
+    """Whether autograd's engine is worth taking over the Python traversal for these forms: always
+    on a graph under :data:`SMALL_ELEMENTS` values, where the Python traversal's bookkeeping per
+    node is most of the call; on a larger one unless the nodes whose hook stabilises hold more than
+    :data:`STABILISED_SHARE` of its values. Such a hook makes the passes the Python rule makes (the
+    stabiliser, the quotient, the product), and autograd's engine runs besides the backwards that the
+    Python traversal skips (a ReLU's mask, a folded batch norm's scale): on a CNN under the epsilon
+    rule (VGG16: 47% of the values; ResNet-50: 44%) the Python traversal was the faster, on the
+    transformers under AttnLRP and CP-LRP (no stabilising hook) autograd's engine
+    (docs/performance.md)."""
+    if graph.fits(SMALL_ELEMENTS):
+        return True
+    sizes = graph.elements()
+    stabilised = sum(sizes[i] for i, form in forms.items() if form.eps is not None)
+    return stabilised <= STABILISED_SHARE * sum(sizes)
 
 
 def may_settle(graph: Graph) -> bool:
@@ -87,9 +116,9 @@ def _busy(graph: Graph) -> bool:
 def propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Tensor],
               outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
               resolver: Resolver, settle: bool = False) -> list | None:
-    """The relevance at ``inputs`` (None where none arrives), or None if a hook could not get a
-    value (nothing is freed then: the Python traversal can start over), or if another call is
-    propagating the same graph (two calls with ``retain_graph=True``, in two threads).
+    """The relevance at ``inputs`` (None where none arrives), or None if another call is
+    propagating the same graph (two calls with ``retain_graph=True``, in two threads). Raises
+    :class:`Failed` if a hook could not get a value or autograd's pass failed otherwise.
 
     ``forms`` holds the nodes whose rule is not the backward as it is; every other node on
     the way is (or receives no relevance)."""
@@ -114,52 +143,74 @@ def _propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.T
     for i, form in forms.items():
         fn = nodes[i].fn
         if form.ratio or form.adjoint:  # (the backward is replaced; autograd allows no way to skip it)
-            replace = _ratio(graph, resolver, i) if form.ratio else _adjoint(graph, resolver, i, form.eps)
+            clip = _clipping(graph, forms, i)
+            replace = (_ratio(graph, resolver, i, clip) if form.ratio
+                       else _adjoint(graph, resolver, i, form.eps, clip))
             handles.append(fn.register_hook(lambda grad_inputs, grad_outputs, replace=replace:
-                                            replace(len(grad_inputs), grad_outputs[0])))
+                                            replace(grad_inputs, grad_outputs[0])))
             continue
         uniform = type(form.shares) is float
         if form.eps is not None or (uniform and form.shares != 1.0):
             handles.append(fn.register_prehook(_scaling(graph, resolver, i, form.share(0) if uniform else 1.0,
-                                                        form.eps)))
+                                                        form.eps, _clipping(graph, forms, i))))
         if not uniform:
             handles.append(fn.register_hook(_sharing(form.shares)))
-    if settle:  # each node, once run (after its rule's hooks), settles as in the Python traversal
-        for i in graph.order:
+    if settle and _settles(graph, forms, resolver):  # each node, once run (after its rule's hooks),
+        for i in graph.order:  # settles as in the Python traversal
             if not nodes[i].is_leaf:
                 handles.append(nodes[i].fn.register_hook(_settling(resolver, i)))
     grads = [torch.where(y == 0, torch.zeros_like(r), r / y) for y, r in zip(outputs, seeds)]
     try:
         found = torch.autograd.grad(list(outputs), list(inputs), grads, retain_graph=True, allow_unused=True)
-    except Exception:  # noqa: BLE001 -- a value a hook could not get, a graph freed by a backward,
-        # a saved tensor modified in place: the Python traversal starts over (nothing is freed
-        # yet) and gives the relevance or the typed error
-        return None
+    except Exception as exc:  # a value a hook could not get, a graph freed by a backward, a saved
+        # tensor modified in place: the Python traversal starts over and gives the relevance or
+        # the typed error
+        raise Failed(str(exc)) from exc
     finally:
         for handle in handles:
             handle.remove()
     return [None if g is None else x.detach() * g for x, g in zip(inputs, found)]
 
 
-def _scaling(graph: Graph, resolver: Resolver, i: int, share: float, eps: float | None):
+def _scaling(graph: Graph, resolver: Resolver, i: int, share: float, eps: float | None, clip: int | None):
     """Node ``i``'s pre-hook: ``g -> share * g * z / stab(z)`` (``share * g`` without ``eps``) on
-    its first output; its other outputs carry no relevance."""
+    its first output; its other outputs carry no relevance (``LRP._forms`` sees to that)."""
 
     def hook(grads: tuple) -> tuple | None:
         g = grads[0]
         if g is None:
             return None
-        if len(grads) > 1 and any(h is not None for h in grads[1:]):
-            raise _NoValue(f"relevance reaches an output of {graph.nodes[i].name} other than its first")
         if eps is None:
             s = g * share
         else:
-            s = _stabilized(graph, resolver, i, g, eps)
+            s = _stabilized(graph, resolver, i, g, eps, clip)
             if share != 1.0:
                 s.mul_(share)
         return (s, *grads[1:])
 
     return hook
+
+
+def _settles(graph: Graph, forms: dict[int, Gradient], resolver: Resolver) -> bool:
+    """Whether the pass may free as it goes: not where a ratio hook would find an input value of 0
+    (or one it cannot get), which may fail it (``g * z / v``, where ``f(0) != 0``) once values the
+    Python traversal needs to start over are freed. (The other hooks fail only where the resolver
+    cannot give a value exactly, which the Python traversal's rules mostly need too; if one does
+    after a free, :class:`dynlrp.LRP` says so.)"""
+    nodes = graph.nodes
+    for i, form in forms.items():
+        gn = nodes[i]
+        if form.ratio and gn.entry.quotient is None:
+            edge = gn.inputs[gn.reaching[0]]
+            try:
+                v = resolver.value(edge, i)
+                zero = not v.exact or bool((v.tensor == 0).any())
+            except Exception:  # noqa: BLE001 -- (the pass will say what; the check only declines)
+                return False
+            resolver.forget(edge)
+            if zero:
+                return False
+    return True
 
 
 def _settling(resolver: Resolver, i: int):
@@ -184,24 +235,33 @@ def _sharing(shares: tuple[float, ...]):
     return hook
 
 
-def _ratio(graph: Graph, resolver: Resolver, i: int):
+def _ratio(graph: Graph, resolver: Resolver, i: int, clip: int | None):
     """The replacement of node ``i``'s backward for the identity at an op that is not
-    homogeneous: its one input that carries relevance gets ``g * z / v`` (``R_v = R_z``)."""
+    homogeneous: its one input that carries relevance gets ``g * z / v`` (``R_v = R_z``), or
+    ``g * f(v) / v`` from the input alone where the op declares that quotient
+    (:attr:`OpEntry.quotient <dynlrp.ops.OpEntry>`). Written into the memory of the gradient the
+    op's backward just made where that is its own, so the hook holds no more than the backward."""
     gn = graph.nodes[i]
     slot = gn.reaching[0]
     edge = gn.inputs[slot]
+    quotient = gn.entry.quotient
 
-    def replace(n: int, g: torch.Tensor | None) -> tuple:
-        out: list = [None] * n
+    def replace(native: tuple, g: torch.Tensor | None) -> tuple:
+        out: list = [None] * len(native)
         if g is None:
             return tuple(out)
-        zg = torch.mul(g, _exact(graph, resolver, (i, 0), i, g))  # (z is dropped at once)
-        resolver.forget((i, 0))
+        if quotient is not None:
+            v = _exact(graph, resolver, edge, i, g)
+            out[slot] = quotient(gn.fn, v, _scratch(native[slot], g, v)).mul_(g)
+            resolver.forget(edge)
+            return tuple(out)
+        q = torch.mul(g, _output(graph, resolver, i, g, clip)[0], out=_scratch(native[slot], g))
+        resolver.forget((i, 0))  # (z is dropped at once)
         v = _exact(graph, resolver, edge, i, g)
         resolver.forget(edge)
-        q = zg.div_(v)  # (in place: one tensor of the output's size, not three)
+        q.div_(v)
         if not (q.is_cpu and math.isfinite(q.sum())):  # (a zero in v: one pass tells, on the CPU)
-            zg = torch.mul(g, _exact(graph, resolver, (i, 0), i, g))
+            zg = torch.mul(g, _output(graph, resolver, i, g, clip)[0], out=q)
             resolver.forget((i, 0))
             if zg.masked_fill(v != 0, 0).any():  # relevance on an input value of 0: no g has it
                 raise _NoValue(f"relevance reaches an input value of 0 at {gn.name}")
@@ -212,16 +272,29 @@ def _ratio(graph: Graph, resolver: Resolver, i: int):
     return replace
 
 
-def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float | None):
+def _scratch(native: torch.Tensor | None, g: torch.Tensor, *held: torch.Tensor) -> torch.Tensor:
+    """Memory for a hook's result of ``g``'s shape: the gradient the op's backward just made
+    (``native``, which the hook replaces), unless it shares memory with ``g`` or ``held`` (a
+    backward that passed ``g`` on as it is, or a view of it); else a new tensor."""
+    if (native is None or native.shape != g.shape or native.dtype != g.dtype or native.requires_grad
+            or not native.is_contiguous()):
+        return torch.empty_like(g)
+    ptr = native.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() == ptr for t in (g, *held)):
+        return torch.empty_like(g)
+    return native
+
+
+def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float | None, clip: int | None):
     """The replacement of node ``i``'s backward for a rule that maps by the op's affine adjoint (a
     normalisation with its statistics held constant): input 0 gets ``J_c^T (g * z / stab(z))``
     (``J_c^T g`` without ``eps``)."""
     gn = graph.nodes[i]
 
-    def replace(n: int, g: torch.Tensor | None) -> tuple:
-        out: list = [None] * n
+    def replace(native: tuple, g: torch.Tensor | None) -> tuple:
+        out: list = [None] * len(native)
         if g is not None:
-            s = g if eps is None else _stabilized(graph, resolver, i, g, eps)
+            s = g if eps is None else _stabilized(graph, resolver, i, g, eps, clip)
             affine = gn.entry.affine(gn.fn, 0)
             out[0] = affine.adjoint(s, affine.weight.detach())
         return tuple(out)
@@ -229,13 +302,49 @@ def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float | None):
     return replace
 
 
-def _stabilized(graph: Graph, resolver: Resolver, i: int, g: torch.Tensor, eps: float) -> torch.Tensor:
-    """``g * z / stab(z)`` for node ``i``'s output ``z`` (a new tensor; ``z`` leaves the memo).
-    ``g * z`` is 0 where ``z`` is, so the sign ``stab(0)`` takes is idle."""
-    z = _exact(graph, resolver, (i, 0), i, g)
-    s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
+def _stabilized(graph: Graph, resolver: Resolver, i: int, g: torch.Tensor, eps: float,
+                clip: int | None) -> torch.Tensor:
+    """``g * z / stab(z)`` for node ``i``'s output ``z`` (a new tensor, the only one made, in four
+    passes; ``z`` leaves the memo), with ``stab(z) = z + copysign(eps, z)``: 0 where ``z`` is
+    (there ``g * z`` is 0, whatever sign ``stab(0)`` takes). Below float's smallest normal
+    ``eps``, :func:`~dynlrp.rules.stabilize`'s floor applies."""
+    z, nonnegative = _output(graph, resolver, i, g, clip)
+    if eps >= torch.finfo(z.dtype).tiny:
+        if nonnegative:  # (seen through a ReLU: stab(z) = z + eps, three passes)
+            s = torch.add(z, eps)
+        else:
+            s = torch.copysign(torch.tensor(eps, dtype=z.dtype, device=z.device), z).add_(z)
+        s = torch.div(z, s, out=s).mul_(g)
+    else:
+        s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
     resolver.forget((i, 0))
     return s
+
+
+def _clipping(graph: Graph, forms: dict[int, Gradient], i: int) -> int | None:
+    """The only consumer of node ``i``'s output if its backward is its own (no hook): then where
+    it is a clipping op (a ReLU), ``g`` at ``i``'s output is 0 wherever it clipped, and its saved
+    output shows ``i``'s output wherever ``g`` is not (:meth:`Resolver.seen_through
+    <dynlrp.values.Resolver.seen_through>`)."""
+    consumers = graph.nodes[i].consumers
+    if len(consumers) != 1 or consumers[0][0] in forms or graph.nodes[i].num_outputs != 1:
+        return None
+    return consumers[0][0]
+
+
+def _output(graph: Graph, resolver: Resolver, i: int, g: torch.Tensor,
+            clip: int | None) -> tuple[torch.Tensor, bool]:
+    """Node ``i``'s output as :func:`_exact` gives it, and whether it is known to be nonnegative:
+    where ``clip`` is its consumer whose own backward leaves ``g`` 0 wherever it clipped
+    (:func:`_clipping`), the value seen through that op (a ReLU's saved output) serves without a
+    test, unless the value is in the memo already."""
+    edge = (i, 0)
+    if clip is not None and edge not in resolver.memo:
+        v = resolver.seen_through(edge, clip)
+        if v is not None:
+            resolver.clipped += 1
+            return v.tensor, True
+    return _exact(graph, resolver, edge, i, g), False
 
 
 def _exact(graph: Graph, resolver: Resolver, edge: Edge, requester: int, g: torch.Tensor) -> torch.Tensor:
@@ -243,12 +352,6 @@ def _exact(graph: Graph, resolver: Resolver, edge: Edge, requester: int, g: torc
     that ``g * v`` is 0 there."""
     v = resolver.value(edge, requester)
     if v.exact:
-        return v.tensor
-    consumers = graph.nodes[edge[0]].consumers
-    if (edge == (requester, 0) and type(v) is ClippedValue and len(consumers) == 1
-            and v.source == (consumers[0][0], 0)):
-        # the node's output seen through its only consumer, a clipping op whose backward zeroes
-        # g where it clipped: the unknown entries read 0 there
         return v.tensor
     if g.shape == v.mask.shape and not g.masked_fill(v.mask, 0).any():
         return v.tensor.masked_fill(~v.mask, 0)

@@ -150,6 +150,13 @@ class Graph:
         prod = math.prod
         return list(dict.fromkeys(i for i, shape, _ in self._values() if prod(shape) >= limit))
 
+    def elements(self) -> list[int]:
+        """The number of elements each node's outputs hold, by node index."""
+        found, prod = [0] * len(self.nodes), math.prod
+        for i, shape, _ in self._values():
+            found[i] += prod(shape)
+        return found
+
     def fits(self, limit: int | None = None) -> bool:
         """Whether every forward value is in the dtype relevance is carried in
         (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16) and, given a ``limit``, the

@@ -150,10 +150,11 @@ class PromiseResolver(Resolver):
         no recompute); memoised when exact, or when partial and ``keep_partial``."""
         found, used = invert_by_consumers(self.graph, edge, lambda out, _: self._free(out, depth),
                                           lambda e, _c, _s: self._free(e, depth))
-        if found is not None and (found.exact or keep_partial):
-            self.inversions += 1
-            self.memo[edge] = found
-            self.how[edge] = ("inverse", tuple(used))
+        if found is not None:  # (the recipe, even of a partial value: an inversion built on it
+            self.how[edge] = ("inverse", tuple(used))  # may enter the plan)
+            if found.exact or keep_partial:
+                self.inversions += 1
+                self.memo[edge] = found
         return found
 
     def seen_through(self, edge: Edge, consumer: int) -> Value | None:

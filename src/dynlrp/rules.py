@@ -229,6 +229,11 @@ class Gradient:
     #: the op's affine adjoint (:attr:`~dynlrp.ops.Affine.adjoint`, statistics held constant) in
     #: place of its backward, for input 0: ``g_0 = J_c^T (g * z / stab(z))`` (``J_c^T g`` without eps)
     adjoint: bool = False
+    #: a rule that explains the op and the channel-wise affine op after it as one map
+    #: (:class:`Folded`): the graph index of that op, whose output is the ``z`` of ``g * z /
+    #: stab(z)``; the scaling is done there, before its backward (the adjoint of its map), and
+    #: this node's backward carries the rest
+    at: int | None = None
 
     def __post_init__(self) -> None:
         shares = self.shares
@@ -354,9 +359,9 @@ class Epsilon(Rule):
         return "inputs"
 
     def as_gradient(self, ctx: RuleContext) -> Gradient | None:
-        if ctx.fused is not None or ctx.gn.num_outputs != 1:
+        if ctx.gn.num_outputs != 1:
             return None
-        return Gradient(self.eps or None, _epsilon_share(ctx))
+        return Gradient(self.eps or None, _epsilon_share(ctx), at=ctx.fused)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         rows = live_rows(ctx)
@@ -946,6 +951,10 @@ class Folded(Rule):
 
     def vanishes(self, ctx: RuleContext) -> str | None:
         return vanishes_of(self.rule, ctx)
+
+    def as_gradient(self, ctx: RuleContext) -> Gradient | None:
+        form = as_gradient_of(self.rule, ctx)
+        return form if form is not None and form.at == self.fused else None  # (a rule that saw the fold)
 
     def __call__(self, ctx: RuleContext) -> list[torch.Tensor | None]:
         return self.rule(ctx)

@@ -36,6 +36,11 @@ rule's job (:mod:`dynlrp.rules`). Each entry declares:
     of a quotient, a copy). There the op's own backward of ``g`` is the identity rule written
     as a gradient (``x * J^T g = f(x) * g``), which lets :mod:`dynlrp.gradform` leave the node
     to autograd's engine.
+``quotient(node, x, out)``
+    Optional, for an elementwise op with ``f(0) = 0``: ``f(x) / x`` (continued at 0) written
+    into ``out``, a tensor of ``x``'s shape, and returned (GELU: the normal CDF ``Phi(x)``; SiLU:
+    ``sigmoid(x)``). :mod:`dynlrp.gradform` then carries the identity rule as ``g * f(x) / x``
+    from the input alone, without rebuilding the output.
 ``affine(node, slot)``
     Optional: the op as an affine map of input ``slot`` with a weight, as an :class:`Affine`
     (or ``None`` when it is not one, e.g. batch norm in training mode). Rules that modify
@@ -258,6 +263,7 @@ class OpEntry:
     affine: Callable[[Any, int], Affine | None] | None = None
     own_recomputes: bool = False
     homogeneous: tuple[int, ...] = ()
+    quotient: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -283,6 +289,7 @@ def register(
     affine: Callable[[Any, int], Affine | None] | None = None,
     own_recomputes: bool = False,
     homogeneous: tuple[int, ...] = (),
+    quotient: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> None:
     """Register an op entry for one or more autograd node type names.
 
@@ -292,7 +299,7 @@ def register(
     """
     for name in (names,) if isinstance(names, str) else names:
         _REGISTRY[name] = OpEntry(name, kind, contract, forward, own, taps, inverse, doc, group, affine,
-                                   own_recomputes, tuple(homogeneous))
+                                   own_recomputes, tuple(homogeneous), quotient)
 
 
 def lookup(name: str) -> OpEntry | None:

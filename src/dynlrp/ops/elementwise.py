@@ -7,6 +7,8 @@ let Promise branches replay them; ``own`` rebuilds the output where autograd kep
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,15 @@ def _gelu(node, x):
     return F.gelu(x, approximate=saved(node, "approximate") or "none")
 
 
+def _gelu_quotient(node, x, out):
+    """``gelu(x) / x``: the normal CDF, or its tanh approximation."""
+    if (saved(node, "approximate") or "none") == "none":  # Phi(x) = erfc(-x / sqrt(2)) / 2, in place
+        return torch.mul(x, -math.sqrt(0.5), out=out).erfc_().mul_(0.5)
+    # 0.5 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))), in place
+    return (torch.pow(x, 3, out=out).mul_(0.044715).add_(x).mul_(math.sqrt(2 / math.pi))
+            .tanh_().add_(1).mul_(0.5))
+
+
 def _softplus(node, x):
     return F.softplus(x, beta=saved(node, "beta"), threshold=saved(node, "threshold"))
 
@@ -74,12 +85,24 @@ _SELF_FUNCS = {
 }
 
 
+# f(x) / x of the ops above with f(0) = 0 (see OpEntry.quotient)
+_QUOTIENTS = {
+    "GeluBackward0": _gelu_quotient,
+    "SiluBackward0": lambda n, x, out: torch.sigmoid(x, out=out),
+    "HardswishBackward0": lambda n, x, out: torch.add(x, 3, out=out).clamp_(0, 6).div_(6),
+}
+# positively homogeneous: f(t x) = t f(x) for t > 0
+_HOMOGENEOUS = {"LeakyReluBackward0"}
+
+
 def _register_self_func(name, func):
     register(
         name, "elementwise", "exact",
         forward=lambda n, xs: func(n, xs[0]),
         own=lambda n: None if saved(n, "self") is None else func(n, saved(n, "self")),
         taps=taps_from((0, "self")),
+        quotient=_QUOTIENTS.get(name),
+        homogeneous=(0,) if name in _HOMOGENEOUS else (),
     )
 
 
