@@ -152,25 +152,27 @@ class Graph:
 
     def elements(self) -> list[int]:
         """The number of elements each node's outputs hold, by node index."""
-        found, prod = [0] * len(self.nodes), math.prod
-        for i, shape, _ in self._values():
-            found[i] += prod(shape)
-        return found
+        return self._summary()[0]
 
     def fits(self, limit: int | None = None) -> bool:
         """Whether every forward value is in the dtype relevance is carried in
         (:func:`~dynlrp.dtypes.compute_dtype`: not float16 or bfloat16) and, given a ``limit``, the
-        values hold fewer than ``limit`` elements in all (one pass, stopping at the first value
-        that fails)."""
-        prod, left = math.prod, limit
-        for _, shape, dtype in self._values():
-            if compute_dtype(dtype) != dtype:
-                return False
-            if left is not None:
-                left -= prod(shape)
-                if left <= 0:
-                    return False
-        return True
+        values hold fewer than ``limit`` elements in all."""
+        _, total, carried = self._summary()
+        return carried and (limit is None or total < limit)
+
+    def _summary(self) -> tuple[list[int], int, bool]:
+        """Elements per node, in all, and whether every value is in the dtype relevance is carried
+        in: one pass over autograd's metadata, made once."""
+        found = self.__dict__.get("_sizes")
+        if found is None:
+            sizes, prod, carried = [0] * len(self.nodes), math.prod, True
+            for i, shape, dtype in self._values():
+                sizes[i] += prod(shape)
+                if carried and compute_dtype(dtype) != dtype:
+                    carried = False
+            found = self._sizes = (sizes, sum(sizes), carried)
+        return found
 
     def signature(self) -> tuple:
         """Structure of the graph (op names and edges): equal for the same architecture."""
