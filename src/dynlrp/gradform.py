@@ -19,16 +19,20 @@ hooks, each asking the resolver (the Promise System, or a tape) for its output `
 The engine takes this path where every rule that relevance reaches has a gradient form, the
 values are in a dtype relevance is carried in (float16: autograd would carry ``g`` in float16),
 no seed sits on an output value of 0 (``R = 0 * g`` has no ``g``), no other call is propagating
-the same graph, and the graph is under :data:`MAX_ELEMENTS` values if that is set; else the Python
-traversal (:meth:`dynlrp.engine.LRP._propagate`). On small graphs the per-node bookkeeping of the
-Python traversal is most of the call; on large ones autograd's engine saves the rules' Python
-and some passes over each layer's output. Memory: each hook's values leave the resolver's memo
-once used, and a hook that replaces a backward writes into the gradient that backward just made
-(:func:`_scratch`), so it holds no more than the backward; the saved tensors stay for the pass
-(the hooks read them: ``retain_graph=True``) and a call without ``retain_graph`` frees them when
-it ends, or, over :data:`SETTLE_ELEMENTS`, node by node as it goes (as the Python traversal does).
-If a hook cannot get a value it needs, or autograd's pass fails otherwise, the call starts over
-on the Python traversal, which gives the relevance or the typed error.
+the same graph, the graph is under :data:`MAX_ELEMENTS` values if that is set, and the path is
+worth it (:func:`worth`: a large graph whose values mostly pass stabilising hooks, a CNN under the
+epsilon rule, is faster on the Python traversal); else the Python traversal
+(:meth:`dynlrp.engine.LRP._propagate`). On small graphs the per-node bookkeeping of the Python
+traversal is most of the call; on the transformers autograd's engine saves the rules' passes over
+each layer's output (their matrix products are their backward as it is). Memory: each hook's
+values leave the resolver's memo once used, and a hook that replaces a backward writes into the
+gradient that backward just made (:func:`_scratch`), so it holds no more than the backward; the
+saved tensors stay for the pass (the hooks read them: ``retain_graph=True``) and a call without
+``retain_graph`` frees them when it ends, or, over :data:`SETTLE_ELEMENTS`, node by node as it goes
+(as the Python traversal does). If a hook cannot get a value it needs, or autograd's pass fails
+otherwise, the call starts over on the Python traversal, which gives the relevance or the typed
+error; after a pass that freed values on the way it may not, and the error says so (a pass first
+checks what it can, :func:`_settles`).
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ from .values import Resolver
 ENABLED = True
 #: Graphs whose forward values hold this many elements or more in all take the Python traversal
 #: (None, the default: no limit; the tests set 0 to take the Python traversal everywhere). On the
-#: models of benchmarks/compare.py autograd's engine is faster and its extra peak memory within
-#: the Python traversal's (docs/performance.md).
+#: transformers of benchmarks/compare.py autograd's engine is the faster, with the Python
+#: traversal's extra peak memory (docs/performance.md).
 MAX_ELEMENTS: int | None = None
 #: Graphs whose values hold fewer elements than this in all take autograd's engine wherever they
 #: can: there the Python traversal's bookkeeping per node is most of the call (:func:`worth`).
