@@ -474,8 +474,9 @@ def test_an_ops_quotient_is_its_output_over_its_input(op):
 
 
 def test_an_input_value_of_zero_at_gelu_stays_on_autograds_engine():
-    """``g * f(v) / v`` needs no division by ``v``: relevance on a GELU whose input is exactly 0
-    (the generic ratio ``g * z / v`` cannot divide there) is still carried by autograd's engine."""
+    """An input value of exactly 0 at a GELU: its ``f(v) / v`` is continued there (``Phi(0) =
+    1/2``), so ``g * f(v) / v`` stays finite, the relevance there is 0 and equals the Python
+    traversal's."""
     lin = freeze(randomize_affine(nn.Linear(4, 3)))
 
     def run():
@@ -643,3 +644,20 @@ def test_a_large_graph_mostly_under_stabilising_hooks_takes_the_python_traversal
         finally:
             gradform.ENABLED = True
         assert_close(r, expected)
+
+
+def test_a_layers_output_is_read_from_the_relu_after_it():
+    """A stabilising hook reads its layer's output from the ReLU after it (its only consumer,
+    whose backward zeroes ``g`` where it clipped) instead of recomputing the layer."""
+    model, x0 = _model("mlp")
+    x = x0.clone().requires_grad_(True)
+    engine = dynlrp.LRP("epsilon")
+    r, = engine(model(x), x, model=model)
+    assert engine.stats["by_autograd"]
+    assert engine.stats["clipped_values"] == 2 and engine.stats["promises"] == 0
+    gradform.ENABLED = False
+    try:
+        expected, = dynlrp.LRP("epsilon")(model(x), x, model=model)
+    finally:
+        gradform.ENABLED = True
+    assert_close(r, expected)
