@@ -54,7 +54,7 @@ from .plan import Plan, PlannedResolver
 from .promise import PromiseResolver
 from .record import Tape, TapeResolver
 from .rules import NATIVE, Gradient, as_gradient_of, linear_in, passes_of, vanishes_of
-from .saved import apply_node, consume, consumed, consumed_error
+from .saved import apply_node, consume, consumed, consumed_error, translate_error
 from .values import Parameters, Resolver
 
 
@@ -748,11 +748,13 @@ def _unknown(resolver: Resolver, edge: tuple[int, int]) -> UnrecoverableValueErr
 def _restart_error(failed: Exception) -> Exception:
     """The error of a call whose pass on autograd's engine failed after freeing forward values as
     it went, so that the Python traversal could not start over: a tensor modified in place is said
-    as such; anything else names the failure and the way around it."""
-    if "modified by an inplace operation" in str(failed):
-        return ModifiedInPlaceError(
-            f"a tensor saved by the forward pass was modified in place after it ({failed}). Run the "
-            "forward pass again, or clone the tensor before modifying it.")
+    as such (:func:`~dynlrp.saved.translate_error`); anything else names the failure and the way
+    around it."""
+    cause = failed.__cause__
+    if isinstance(cause, RuntimeError):
+        typed = translate_error(None, cause)
+        if isinstance(typed, ModifiedInPlaceError):
+            return typed
     return GraphFreedError(
         f"autograd's engine could not finish the propagation ({failed}) after freeing forward values "
         "on the way, and the Python traversal cannot start over without them. Run the forward pass "

@@ -141,7 +141,7 @@ def propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Te
 
 def _propagate(graph: Graph, forms: dict[int, Gradient], seeds: Sequence[torch.Tensor],
                outputs: Sequence[torch.Tensor], inputs: Sequence[torch.Tensor],
-               resolver: Resolver, settle: bool) -> list | None:
+               resolver: Resolver, settle: bool) -> list:
     nodes = graph.nodes
     handles = []
     for i, form in forms.items():

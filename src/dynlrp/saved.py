@@ -19,27 +19,33 @@ _MISSING = object()
 _U64 = 1 << 64
 
 
-def _translate(node: Any, exc: RuntimeError) -> Exception:
+def translate_error(node: Any, exc: RuntimeError) -> Exception:
+    """The typed error for autograd's ``exc`` at ``node`` (None: a node autograd's own pass ran),
+    or ``exc`` itself."""
     text = str(exc)
     if "modified by an inplace operation" in text:
         return ModifiedInPlaceError(
-            f"a tensor saved by {node_name(node)} was modified in place after the forward pass, "
+            f"a tensor saved by {_name(node)} was modified in place after the forward pass, "
             "so the graph no longer describes the values it computed. Run the forward pass "
             "again, or clone the tensor before modifying it."
         )
     if _RELEASED in text:
         return GraphFreedError(
-            f"the forward values saved by {node_name(node)} were freed by an earlier "
+            f"the forward values saved by {_name(node)} were freed by an earlier "
             "`dynlrp.lrp` call, which (like `autograd.grad`) frees the graph as it goes. Run the "
             "forward pass again, or pass `retain_graph=True` to the earlier call."
         )
     if "freed" in text or "second time" in text:
         return GraphFreedError(
-            f"the forward values saved by {node_name(node)} were freed, most likely by a "
+            f"the forward values saved by {_name(node)} were freed, most likely by a "
             "`.backward()` or `autograd.grad` call without `retain_graph=True`. Run the "
             "forward pass again, or pass `retain_graph=True` to the earlier backward."
         )
     return exc
+
+
+def _name(node: Any) -> str:
+    return "an op of the forward pass" if node is None else node_name(node)
 
 
 def apply_node(node: Any, grads: list) -> tuple:
@@ -47,7 +53,7 @@ def apply_node(node: Any, grads: list) -> tuple:
     try:
         out = node(*grads)
     except RuntimeError as exc:
-        raise _translate(node, exc) from exc
+        raise translate_error(node, exc) from exc
     return out if isinstance(out, tuple) else (out,)
 
 
@@ -62,7 +68,7 @@ def saved(node: Any, name: str) -> Any:
     try:
         value = getattr(node, "_saved_" + name, _MISSING)
     except RuntimeError as exc:
-        raise _translate(node, exc) from exc
+        raise translate_error(node, exc) from exc
     return None if value is _MISSING else value
 
 
@@ -218,4 +224,4 @@ def consumed(node: Any) -> bool:
 
 
 def consumed_error(node: Any) -> GraphFreedError:
-    return _translate(node, RuntimeError(_RELEASED))
+    return translate_error(node, RuntimeError(_RELEASED))
