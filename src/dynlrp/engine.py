@@ -184,10 +184,10 @@ class RuleContext:
             meta = gn.meta
             same = all(g is None or g.dtype == meta(k)[1] for k, g in enumerate(grads))
         if same:
-            out = apply_node(self.node, grads)
+            out = self._backward(grads)
         else:  # float16 nodes, float32 grads
             dtypes = [gn.meta(k)[1] for k in range(len(grads))]
-            out = linear_in(dtypes, lambda *g: apply_node(self.node, list(g)), grads)
+            out = linear_in(dtypes, lambda *g: self._backward(list(g)), grads)
         # Called directly, a node does not sum a broadcast gradient back to its operand's
         # shape (autograd's engine does that): do it here.
         inputs, nodes = gn.inputs, self._graph.nodes
@@ -201,6 +201,16 @@ class RuleContext:
                     fixed = list(out)
                 fixed[s] = g.sum_to_size(shape)
         return out if fixed is None else tuple(fixed)
+
+    def _backward(self, grads: list) -> tuple:
+        """The node's backward on ``grads``, or the entry's own ``vjp`` where it has one that
+        applies (:class:`~dynlrp.ops.OpEntry`): the same numbers up to rounding."""
+        fast = self.entry.vjp
+        if fast is not None:
+            found = fast(self.node, grads, self.reaching)
+            if found is not None:
+                return tuple([found.get(s) for s in range(len(self.gn.inputs))])
+        return apply_node(self.node, grads)
 
     def vjp(self, grad: torch.Tensor, owned: bool = False) -> tuple:
         """``J^T grad`` for the first output (see :meth:`vjp_all`)."""

@@ -190,6 +190,12 @@ CONVS = [
     ("2d-depthwise", 2, 3, 3, (4, 4), 3, 1, 1, 1, 3, False, 0),
     ("3d-stride2-even", 3, 2, 2, (4, 4, 4), 2, 2, 0, 1, 1, False, 0),
     ("3d-pad1", 3, 1, 2, (3, 3, 2), 2, 1, 1, 1, 1, False, 0),
+    # pointwise (kernel 1, no padding): the entry's own vjp, a matrix product (_conv_vjp)
+    ("1d-pointwise", 1, 3, 4, (5,), 1, 1, 0, 1, 1, False, 0),
+    ("2d-pointwise-stride2-odd", 2, 3, 4, (5, 7), 1, 2, 0, 1, 1, False, 0),
+    ("2d-pointwise-dil2", 2, 2, 3, (4, 4), 1, 1, 0, 2, 1, False, 0),
+    ("3d-pointwise-stride3", 3, 2, 3, (4, 5, 3), 1, 3, 0, 1, 1, False, 0),
+    ("2d-pointwise-groups2", 2, 4, 2, (3, 3), 1, 1, 0, 1, 2, False, 0),
     ("transposed-1d-stride2-outpad1", 1, 2, 3, (4,), 3, 2, 1, 1, 1, True, 1),
     ("transposed-2d-groups2-outpad1", 2, 2, 4, (3, 3), 3, 2, 1, 1, 2, True, 1),
     ("transposed-2d-dil2", 2, 2, 2, (3, 4), 2, 1, 1, 2, 1, True, 0),
@@ -294,3 +300,85 @@ def test_float32_relevance_dtype():
 
 
 COVERED = covered(CASES)
+
+
+# -- the pointwise convolution's own vjp (ops.linear._conv_vjp) -------------------------------
+
+def _pointwise_node(x, weight, **kw):
+    fn = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    return fn(x.requires_grad_(True), weight, **kw).grad_fn
+
+
+POINTWISE = [  # (input shape, weight shape, conv kwargs): kernel 1, no padding, one group
+    ((2, 3, 5), (4, 3, 1), {}),
+    ((1, 3, 6, 6), (5, 3, 1, 1), {}),
+    ((3, 4, 7, 5), (2, 4, 1, 1), {"stride": 2}),
+    ((2, 2, 5, 6), (3, 2, 1, 1), {"stride": (3, 2), "dilation": 2}),
+    ((2, 2, 4, 5, 3), (3, 2, 1, 1, 1), {"stride": 2}),
+]
+
+
+def test_pointwise_conv_vjp_is_the_nodes_backward():
+    """Every pointwise case: the entry's vjp gives the node's own backward, to rounding, for the
+    data input only (a trainable weight included: its grad is not asked for)."""
+    vjp = dynlrp.ops.lookup("ConvolutionBackward0").vjp
+    for x_shape, w_shape, kw in POINTWISE:
+        for trainable in (False, True):
+            x, w = randn(*x_shape, grad=False), randn(*w_shape, grad=trainable)
+            node = _pointwise_node(x, w, **kw)
+            g = randn(*node._input_metadata[0].shape, grad=False)
+            found = vjp(node, [g], (0,))
+            assert found is not None and set(found) == {0}, (x_shape, kw)
+            torch.testing.assert_close(found[0], node(g)[0], rtol=1e-12, atol=1e-12)
+            assert found[0].shape == x.shape
+
+
+def test_pointwise_conv_vjp_declines_other_convolutions():
+    """None (the node's backward runs) for padding, groups, a kernel over 1, a transposed
+    convolution, a non-contiguous grad or a request for the weight's grad."""
+    vjp = dynlrp.ops.lookup("ConvolutionBackward0").vjp
+    x = randn(2, 4, 5, 5, grad=False)
+    declined = [
+        (_pointwise_node(x.clone(), randn(3, 4, 1, 1), padding=1), (0,), False),
+        (_pointwise_node(x.clone(), randn(2, 2, 1, 1), groups=2), (0,), False),
+        (_pointwise_node(x.clone(), randn(3, 4, 3, 3)), (0,), False),
+        (F.conv_transpose2d(x.clone().requires_grad_(True), randn(4, 3, 1, 1)).grad_fn, (0,), False),
+        (_pointwise_node(x.clone(), randn(3, 4, 1, 1)), (0,), True),
+        (_pointwise_node(x.clone(), randn(3, 4, 1, 1, grad=True)), (0, 1), False),
+    ]
+    for node, slots, strided in declined:
+        g = randn(*node._input_metadata[0].shape, grad=False)
+        if strided:
+            g = randn(*reversed(g.shape), grad=False).permute(*reversed(range(g.dim())))
+            assert not g.is_contiguous()
+        assert vjp(node, [g], slots) is None
+
+
+def test_engine_takes_the_pointwise_vjp(monkeypatch):
+    """The engine asks the entry's vjp at a pointwise convolution (stride 2, as ResNet's
+    downsampling) and gets the relevance the node's backward gives."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 6, 1, stride=2), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(6 * 9, 2)).double().eval()
+    x = randn(2, 3, 5, 5, grad=False)
+    monkeypatch.setattr(dynlrp.gradform, "ENABLED", False)  # (the Python traversal asks the vjp)
+    entry = dynlrp.ops.lookup("ConvolutionBackward0")
+    calls = []
+
+    def counted(node, grads, slots):
+        found = entry.vjp(node, grads, slots)
+        calls.append(found is not None)
+        return found
+
+    def explain():
+        xi = x.clone().requires_grad_(True)
+        return dynlrp.LRP("epsilon")(model(xi), xi, model=model)[0]
+
+    monkeypatch.setitem(dynlrp.ops._REGISTRY, "ConvolutionBackward0", dataclasses.replace(entry, vjp=counted))
+    fast = explain()
+    assert sorted(calls) == [False, True]  # the 1x1 convolution took it, the 3x3 one declined
+    monkeypatch.setitem(dynlrp.ops._REGISTRY, "ConvolutionBackward0", dataclasses.replace(entry, vjp=None))
+    torch.testing.assert_close(fast, explain(), rtol=1e-10, atol=1e-12)

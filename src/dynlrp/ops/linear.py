@@ -182,7 +182,33 @@ def _conv_affine(node, slot):
     return Affine(w, lambda x, v: _conv(node, x, v, None), bias, known, scale, False, params, place)
 
 
+def _conv_vjp(node, grads, slots):
+    """``J^T g`` of a pointwise convolution (every kernel size 1, no padding, one group, not
+    transposed) with respect to its input: ``W^T g`` at every output position, one matrix
+    product over channels, and 0 at the input positions a stride skips. The node's own backward
+    runs oneDNN's backward-data kernel, which for ResNet-50's 1x1 convolutions takes 1.3x (stride
+    1) to 2-3x (stride 2) this time on the CPU (docs/performance.md). None for any other
+    convolution, or where another input than the data (slot 0) is asked."""
+    g = grads[0]
+    if (slots != (0,) or g is None or not g.is_contiguous() or saved(node, "transposed")
+            or saved(node, "groups") != 1):
+        return None
+    w, x = saved(node, "weight"), saved(node, "input")
+    if (w is None or x is None or g.dim() != w.dim() or x.dim() != w.dim() or w.dtype != g.dtype
+            or any(k != 1 for k in w.shape[2:]) or any(p != 0 for p in saved(node, "padding"))):
+        return None
+    batch, out_channels, in_channels = g.shape[0], w.shape[0], w.shape[1]
+    mapped = torch.matmul(w.reshape(out_channels, in_channels).t(), g.reshape(batch, out_channels, -1))
+    stride = tuple(saved(node, "stride"))
+    if all(s == 1 for s in stride):
+        return {0: mapped.reshape(x.shape)}
+    full = g.new_zeros(x.shape)
+    full[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)] = \
+        mapped.reshape(batch, in_channels, *g.shape[2:])
+    return {0: full}
+
+
 register("ConvolutionBackward0", "linear", "bias", forward=_conv_forward, own=_conv_own,
          taps=taps_from((0, "input"), (1, "weight")), group="conv", affine=_conv_affine,
-         own_recomputes=True)
+         own_recomputes=True, vjp=_conv_vjp)
 
