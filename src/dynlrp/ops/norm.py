@@ -75,16 +75,18 @@ def _bn_affine(node, slot):
         return None
     shape = [1, -1] + [1] * (len(out_shape(node)) - 2)
     mean, weight = saved(node, "running_mean"), saved(node, "weight")
-    scale = (saved(node, "running_var") + saved(node, "eps")).rsqrt()
+    scale = torch.add(saved(node, "running_var"), saved(node, "eps")).rsqrt_()
     params = (mean,) if weight is None else (weight, mean)
     if weight is not None:
-        scale = scale * weight
-    shift, known, place = -mean * scale, True, None
+        scale.mul_(weight)
+    shift, known, place = None, True, None
     if weight is not None or has_edge(node, 2):  # as in _batch_norm: no weight, no edge -> no bias
         b = leaf_input(node, 2)
         if b is None and weight is not None:  # a frozen bias: the model has it (Affine.place_bias)
-            place = (lambda centre: lambda bias: (bias + centre).reshape(shape))(shift)
-        shift, known = (None, False) if b is None else (b + shift, True)
+            place = lambda bias: torch.addcmul(bias, mean, scale, value=-1).reshape(shape)  # noqa: E731
+        shift, known = (None, False) if b is None else (torch.addcmul(b, mean, scale, value=-1), True)
+    else:
+        shift = torch.mul(mean, scale).neg_()
     return Affine(scale, lambda x, v: x * v.reshape(shape), None if shift is None else shift.reshape(shape),
                   known, lambda w, s: w * s, True, params, place)
 
