@@ -190,7 +190,7 @@ def _conv_vjp(node, grads, slots):
     1) to 2-3x (stride 2) this time on the CPU (docs/performance.md). None for any other
     convolution, or where another input than the data (slot 0) is asked."""
     g = grads[0]
-    if (slots != (0,) or g is None or not g.is_contiguous() or saved(node, "transposed")
+    if (len(slots) != 1 or slots[0] != 0 or g is None or not g.is_contiguous() or saved(node, "transposed")
             or saved(node, "groups") != 1):
         return None
     w, x = saved(node, "weight"), saved(node, "input")
