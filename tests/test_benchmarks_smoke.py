@@ -103,3 +103,15 @@ def test_floor_tiny(tmp_path):
     assert _is_ratio(row["by_hand"]) and _is_ratio(row["dynlrp"])
     assert row["max_difference"] < 1e-4
     assert "EpsilonPlus by hand" in out
+
+
+def test_adjoints_tiny(tmp_path):
+    """benchmarks/adjoints.py times the entry's vjp only where it computes the node's backward."""
+    out = _run("adjoints.py", "--batches", "1", "--image", "32", "--repeats", "1", "--out", str(tmp_path))
+    rows = json.loads((tmp_path / "adjoints.json").read_text())["rows"]
+    assert {r["kind"] for r in rows} == {"1x1, stride 1", "1x1, stride 2", "kxk, stride 1", "kxk, stride 2"}
+    assert sum(r["convolutions"] for r in rows) == 53
+    for r in rows:
+        assert r["entry_used"] == (r["convolutions"] if r["kind"].startswith("1x1") else 0)
+        assert _is_ratio(r["ratio"]) and r["max_difference"] < 1e-5
+    assert "entry's vjp" in out

@@ -414,6 +414,7 @@ def test_a_graph_over_the_settling_size_frees_as_autograds_pass_goes(monkeypatch
     from dynlrp.saved import saved
 
     monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 64)
+    monkeypatch.setattr(gradform, "SETTLE_SHARE", 0.0)
     model, x0 = _model("cnn")
     x = x0.clone().requires_grad_(True)
     y = model(x)
@@ -553,6 +554,7 @@ def test_an_input_value_of_zero_at_a_ratio_keeps_the_pass_from_freeing_as_it_goe
     start over: it first looks for input values of 0 at the ratio hooks (which would fail it), and
     finding one frees nothing; the Python traversal then gives the relevance."""
     monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 16)
+    monkeypatch.setattr(gradform, "SETTLE_SHARE", 0.0)
     monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 16)
     model, x0 = _sigmoid_model()
     settles = []
@@ -583,6 +585,7 @@ def test_a_pass_that_fails_after_freeing_recovers_or_says_so(monkeypatch, failin
     Promise System may still serve from what is left (the third), or which the error explains:
     what failed, and how to get the relevance (the last)."""
     monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 64)
+    monkeypatch.setattr(gradform, "SETTLE_SHARE", 0.0)
     monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 64)
     model, x0 = _model("cnn")
     x = x0.clone().requires_grad_(True)
@@ -615,6 +618,7 @@ def test_a_tensor_modified_in_place_is_named_after_a_pass_that_freed_on_the_way(
     """Autograd's pass meets a saved tensor modified in place after freeing values on the way: the
     error is the typed one, whichever of the two paths finds it."""
     monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 64)
+    monkeypatch.setattr(gradform, "SETTLE_SHARE", 0.0)
     monkeypatch.setattr(dynlrp.values, "RELEASE_MIN", 64)
     model, x0 = _model("cnn")
     x = x0.clone().requires_grad_(True)
@@ -661,3 +665,31 @@ def test_a_layers_output_is_read_from_the_relu_after_it():
     finally:
         gradform.ENABLED = True
     assert_close(r, expected)
+
+
+def test_settling_only_where_it_lowers_the_peak(monkeypatch):
+    """``may_settle``: a pass that ends on large values (a CNN near its input) settles as it goes;
+    one whose steps are alike (an MLP of equal layers, as a transformer's) is freed at its end --
+    settling would not lower its peak (``settling_saves`` about 0) and its hooks cost time."""
+    from dynlrp.graph import build
+
+    monkeypatch.setattr(gradform, "SETTLE_ELEMENTS", 1000)
+    torch.manual_seed(0)
+
+    def stage(c_in: int) -> list[nn.Module]:  # (VGG's: the resolution halves, the values shrink)
+        return [nn.Conv2d(c_in, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                nn.MaxPool2d(2)]
+
+    funnel = nn.Sequential(*stage(3), *stage(8), *stage(8), nn.Flatten(), nn.Linear(8 * 16, 2)).eval()
+    even = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(64, 64), nn.ReLU())],
+                         nn.Linear(64, 2)).eval()
+    cases = [(funnel, torch.randn(2, 3, 32, 32, requires_grad=True), True),
+             (even, torch.randn(32, 64, requires_grad=True), False)]
+    for model, x, settles in cases:
+        graph = build([model(x)], [x])
+        share = gradform.settling_saves(graph) / sum(graph.elements())
+        assert (share >= gradform.SETTLE_SHARE) == settles, share
+        assert gradform.may_settle(graph) == settles
+    monkeypatch.setattr(gradform, "SETTLE_SHARE", 0.0)  # (what the tests of settling set)
+    graph = build([even(cases[1][1])], [cases[1][1]])
+    assert gradform.may_settle(graph)

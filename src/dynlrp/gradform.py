@@ -60,10 +60,14 @@ SMALL_ELEMENTS = 1 << 20
 #: Larger graphs take it unless the nodes whose hook stabilises (``g * z / stab(z)``) hold more
 #: than this share of the values (:func:`worth`).
 STABILISED_SHARE = 0.25
-#: Graphs whose values hold this many elements or more in all are freed as autograd's pass goes
+#: Graphs whose values hold this many elements or more in all may be freed as autograd's pass goes
 #: (a post-hook per node settles it, :meth:`Resolver.done <dynlrp.values.Resolver.done>`);
-#: smaller ones at its end (:meth:`Resolver.free_all <dynlrp.values.Resolver.free_all>`).
+#: smaller ones are freed at its end (:meth:`Resolver.free_all <dynlrp.values.Resolver.free_all>`).
 SETTLE_ELEMENTS = 1 << 20
+#: ... where freeing as it goes lowers the pass's estimated peak by this share of the graph's values
+#: or more (:func:`may_settle`): the hooks cost ~25 us a node, 5-14 ms on the transformers at batch 1,
+#: whose peak they do not lower (docs/performance.md).
+SETTLE_SHARE = 1 / 16
 
 
 _BUSY = "dynlrp: propagating"  # key in a root node's (public) ``metadata`` during a call
@@ -107,10 +111,34 @@ def worth(graph: Graph, forms: dict[int, Gradient]) -> bool:
 
 
 def may_settle(graph: Graph) -> bool:
-    """Whether the graph is large enough to be settled as the pass goes (:data:`SETTLE_ELEMENTS`;
-    never under a :data:`MAX_ELEMENTS` no larger, which the graph already met)."""
+    """Whether the graph is settled as the pass goes: large enough (:data:`SETTLE_ELEMENTS`; never
+    under a :data:`MAX_ELEMENTS` no larger, which the graph already met), and freeing as it goes
+    lowers the pass's peak by :data:`SETTLE_SHARE` of its values or more (:func:`settling_saves`)."""
     limit = MAX_ELEMENTS
-    return (limit is None or limit > SETTLE_ELEMENTS) and not graph.fits(SETTLE_ELEMENTS)
+    if (limit is not None and limit <= SETTLE_ELEMENTS) or graph.fits(SETTLE_ELEMENTS):
+        return False
+    sizes = graph.elements()
+    return settling_saves(graph) >= SETTLE_SHARE * sum(sizes)
+
+
+def settling_saves(graph: Graph) -> int:
+    """By how many elements freeing as the pass goes lowers its peak, estimated from the values'
+    sizes: each node, run in turn, holds the gradient it receives and makes one per input. Kept to
+    the end, every saved value is still held then (the peak is the largest such step); freed as
+    the pass goes, the values of the nodes already run are gone (the step less what they held).
+    Large where the pass ends on large values, as a CNN's near its input; about 0 where the steps
+    are alike throughout, as a transformer's layers (the first steps free nothing either way)."""
+    sizes, nodes = graph.elements(), graph.nodes
+    kept = settled = freed = 0
+    for i in graph.order:
+        gn = nodes[i]
+        if gn.is_leaf:
+            continue
+        step = sizes[i] + sum(sizes[e[0]] for e in gn.inputs if e is not None)
+        kept = max(kept, step)
+        settled = max(settled, step - freed)
+        freed += sizes[i]
+    return kept - settled
 
 
 def _busy(graph: Graph) -> bool:

@@ -267,13 +267,13 @@ class Resolver:
         """Free the saved tensors of every node worth freeing (:meth:`_worth_freeing`: a large input
         or output) at once: the end of a call that could not free them as it went (autograd's
         engine). Only the large values' nodes and their consumers are looked at."""
-        nodes = self.graph.nodes
+        nodes, freed = self.graph.nodes, self.graph.freed
         candidates = set()
         for i in self.graph.large(RELEASE_MIN):
             candidates.add(i)
             candidates.update(c for c, _ in nodes[i].consumers)
         for i in sorted(candidates):
-            if self._worth_freeing(i):
+            if not freed[i] and self._worth_freeing(i):  # (settled as the pass went: freed already)
                 self._free_saved(i)
 
     def _free_saved(self, i: int) -> None:
