@@ -61,30 +61,38 @@ def measure(batch: int, image: int, repeats: int) -> list[dict[str, Any]]:
         h.remove()
     vjp = dynlrp.ops.lookup("ConvolutionBackward0").vjp
     kinds: dict[str, dict[str, Any]] = {}
-    for out in outputs:
-        node, s = out.grad_fn, torch.randn_like(out)
-        w = saved(node, "weight")
-        pointwise = all(k == 1 for k in w.shape[2:]) and all(p == 0 for p in saved(node, "padding"))
-        strided = any(v != 1 for v in saved(node, "stride"))
-        kind = f"{'1x1' if pointwise else 'kxk'}, stride {'2' if strided else '1'}"
-        row = kinds.setdefault(kind, {"kind": kind, "convolutions": 0, "entry_used": 0, "node_s": 0.0,
-                                      "entry_s": 0.0, "max_difference": 0.0})
-        row["convolutions"] += 1
-        by_node = _median_time(lambda: node(s), repeats)
-        row["node_s"] += by_node
-        found = vjp(node, [s], (0,))
-        if found is None:  # declined: the node's backward runs either way
-            row["entry_s"] += by_node
-            continue
-        row["entry_used"] += 1
-        row["entry_s"] += _median_time(lambda: vjp(node, [s], (0,)), repeats)
-        ref = node(s)[0]
-        row["max_difference"] = max(row["max_difference"],
-                                    float((found[0] - ref).abs().max() / ref.abs().max()))
+    with torch.no_grad():  # (as the engine calls them)
+        for out in outputs:
+            _time_one(out, vjp, saved, repeats, kinds)
     for row in kinds.values():
         row["batch"] = batch
         row["ratio"] = row["entry_s"] / row["node_s"]
     return list(kinds.values())
+
+
+def _time_one(out, vjp, saved, repeats: int, kinds: dict[str, dict[str, Any]]) -> None:
+    """Time one convolution's adjoints into the row of its kind."""
+    import torch
+
+    node, s = out.grad_fn, torch.randn_like(out)
+    w = saved(node, "weight")
+    pointwise = all(k == 1 for k in w.shape[2:]) and all(p == 0 for p in saved(node, "padding"))
+    strided = any(v != 1 for v in saved(node, "stride"))
+    kind = f"{'1x1' if pointwise else 'kxk'}, stride {'2' if strided else '1'}"
+    row = kinds.setdefault(kind, {"kind": kind, "convolutions": 0, "entry_used": 0, "node_s": 0.0,
+                                  "entry_s": 0.0, "max_difference": 0.0})
+    row["convolutions"] += 1
+    by_node = _median_time(lambda: node(s), repeats)
+    row["node_s"] += by_node
+    found = vjp(node, [s], (0,))
+    if found is None:  # declined: the node's backward runs either way
+        row["entry_s"] += by_node
+        return
+    row["entry_used"] += 1
+    row["entry_s"] += _median_time(lambda: vjp(node, [s], (0,)), repeats)
+    ref = node(s)[0]
+    row["max_difference"] = max(row["max_difference"],
+                                float((found[0] - ref).abs().max() / ref.abs().max()))
 
 
 def markdown(rows: list[dict]) -> str:

@@ -186,9 +186,9 @@ def _conv_vjp(node, grads, slots):
     """``J^T g`` of a pointwise convolution (every kernel size 1, no padding, one group, not
     transposed) with respect to its input: ``W^T g`` at every output position, one matrix
     product over channels, and 0 at the input positions a stride skips. The node's own backward
-    runs oneDNN's backward-data kernel, which for ResNet-50's 1x1 convolutions takes 1.3x (stride
-    1) to 2-3x (stride 2) this time on the CPU (docs/performance.md). None for any other
-    convolution, or where another input than the data (slot 0) is asked."""
+    runs oneDNN's backward-data kernel, which for ResNet-50's 1x1 convolutions took 1.1-1.3x
+    (stride 1) and 2.2-2.8x (stride 2) this time on the CPU (``benchmarks/adjoints.py``). None for
+    any other convolution, or where another input than the data (slot 0) is asked."""
     g = grads[0]
     if (len(slots) != 1 or slots[0] != 0 or g is None or not g.is_contiguous() or saved(node, "transposed")
             or saved(node, "groups") != 1):
