@@ -29,10 +29,10 @@ values leave the resolver's memo once used, and a hook that replaces a backward 
 gradient that backward just made (:func:`_scratch`), so it holds no more than the backward; the
 saved tensors stay for the pass (the hooks read them: ``retain_graph=True``) and a call without
 ``retain_graph`` frees them when it ends, or, over :data:`SETTLE_ELEMENTS` and where that lowers the
-pass's peak (:func:`may_settle`), node by node as it goes (as the Python traversal does). If a hook cannot get a value it needs, or autograd's pass fails
-otherwise, the call starts over on the Python traversal, which gives the relevance or the typed
-error; after a pass that freed values on the way it may not, and the error says so (a pass first
-checks what it can, :func:`_settles`).
+pass's peak (:func:`may_settle`), node by node as it goes (as the Python traversal does). If a hook
+cannot get a value it needs, or autograd's pass fails otherwise, the call starts over on the Python
+traversal, which gives the relevance or the typed error; after a pass that freed values on the way
+it may not, and the error says so (a pass first checks what it can, :func:`_settles`).
 """
 
 from __future__ import annotations
