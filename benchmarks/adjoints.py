@@ -20,8 +20,6 @@ Writes ``<out>/adjoints.json`` and prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import time
@@ -106,20 +104,13 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    ap.add_argument("--image", type=int, default=224, help="image side")
-    ap.add_argument("--repeats", type=int, default=20, help="timed runs of each adjoint")
-    ap.add_argument("--out", type=Path, default=bu.RESULTS, help="directory for adjoints.json")
-    ap.add_argument("--src", type=Path, help="dynlrp source tree to measure (default: src/)")
-    args = ap.parse_args(argv)
+    args = bu.image_parser(__doc__, 20, "timed runs of each adjoint", "adjoints.json").parse_args(argv)
     bu.use_src(args.src)
     import torch
 
     torch.manual_seed(0)
     rows = [row for b in args.batches.split(",") for row in measure(int(b), args.image, args.repeats)]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adjoints.json").write_text(json.dumps({"machine": bu.machine(), "rows": rows}, indent=1))
+    bu.write_rows(args.out, "adjoints.json", rows)
     print(markdown(rows))
     return 0
 

@@ -24,6 +24,7 @@ Memory
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -321,6 +322,24 @@ def first_line(exc: BaseException) -> str:
 
 
 # -- machine ------------------------------------------------------------------------------
+def image_parser(doc: str, repeats: int, repeats_help: str, out_file: str) -> argparse.ArgumentParser:
+    """The options of a script that measures torchvision models on images (floor.py, adjoints.py):
+    ``--batches``, ``--image``, ``--repeats``, ``--out`` (where ``out_file`` goes) and ``--src``."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--image", type=int, default=224, help="image side")
+    ap.add_argument("--repeats", type=int, default=repeats, help=repeats_help)
+    ap.add_argument("--out", type=Path, default=RESULTS, help=f"directory for {out_file}")
+    ap.add_argument("--src", type=Path, help="dynlrp source tree to measure (default: src/)")
+    return ap
+
+
+def write_rows(out: Path, name: str, rows: list[dict[str, Any]]) -> None:
+    """``{"machine": ..., "rows": rows}`` as JSON in ``out / name``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+
+
 def machine() -> dict[str, Any]:
     """Facts that make a measurement reproducible: CPU, cores, torch and dynlrp versions."""
     import torch

@@ -20,8 +20,6 @@ Writes ``<out>/floor.json`` and prints a Markdown table.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -143,21 +141,15 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    ap.add_argument("--image", type=int, default=224, help="image side")
-    ap.add_argument("--repeats", type=int, default=5, help="measured rounds")
+    ap = bu.image_parser(__doc__, 5, "measured rounds", "floor.json")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured runs of each method first")
-    ap.add_argument("--out", type=Path, default=bu.RESULTS, help="directory for floor.json")
-    ap.add_argument("--src", type=Path, help="dynlrp source tree to measure (default: src/)")
     args = ap.parse_args(argv)
     bu.use_src(args.src)
     import torch
 
     torch.manual_seed(0)
     rows = [measure(int(b), args.image, args.repeats, args.warmup) for b in args.batches.split(",")]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "floor.json").write_text(json.dumps({"machine": bu.machine(), "rows": rows}, indent=1))
+    bu.write_rows(args.out, "floor.json", rows)
     print(markdown(rows))
     return 0
 
