@@ -83,7 +83,8 @@ def _bn_affine(node, slot):
     if weight is not None or has_edge(node, 2):  # as in _batch_norm: no weight, no edge -> no bias
         b = leaf_input(node, 2)
         if b is None and weight is not None:  # a frozen bias: the model has it (Affine.place_bias)
-            place = lambda bias: torch.addcmul(bias, mean, scale, value=-1).reshape(shape)  # noqa: E731
+            def place(bias: torch.Tensor) -> torch.Tensor:
+                return torch.addcmul(bias, mean, scale, value=-1).reshape(shape)
         shift, known = (None, False) if b is None else (torch.addcmul(b, mean, scale, value=-1), True)
     else:
         shift = torch.mul(mean, scale).neg_()
