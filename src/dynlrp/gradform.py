@@ -339,18 +339,12 @@ def _adjoint(graph: Graph, resolver: Resolver, i: int, eps: float | None, clip: 
 def _stabilized(graph: Graph, resolver: Resolver, i: int, g: torch.Tensor, eps: float,
                 clip: int | None) -> torch.Tensor:
     """``g * z / stab(z)`` for node ``i``'s output ``z`` (a new tensor, the only one made, in four
-    passes; ``z`` leaves the memo), with ``stab(z) = z + copysign(eps, z)``: 0 where ``z`` is
-    (there ``g * z`` is 0, whatever sign ``stab(0)`` takes). Below float's smallest normal
-    ``eps``, :func:`~dynlrp.rules.stabilize`'s floor applies."""
+    passes; ``z`` leaves the memo), with :func:`~dynlrp.rules.stabilize`'s ``stab(z) = z +
+    copysign(eps, z)``: 0 where ``z`` is (there ``g * z`` is 0, whatever sign ``stab(0)`` takes).
+    Where ``z`` is seen through a ReLU, ``stab(z) = z + eps``: three passes."""
     z, nonnegative = _output(graph, resolver, i, g, clip)
-    if eps >= torch.finfo(z.dtype).tiny:
-        if nonnegative:  # (seen through a ReLU: stab(z) = z + eps, three passes)
-            s = torch.add(z, eps)
-        else:
-            s = torch.copysign(torch.tensor(eps, dtype=z.dtype, device=z.device), z).add_(z)
-        s = torch.div(z, s, out=s).mul_(g)
-    else:
-        s = torch.mul(g, z).div_(stabilize(z, eps, zeros_idle=True))
+    s = stabilize(z, eps, nonnegative=nonnegative, zeros_idle=True)
+    s = torch.div(z, s, out=s).mul_(g)
     resolver.forget((i, 0))
     return s
 

@@ -193,15 +193,18 @@ def _conv_vjp(node, grads, slots):
     if (len(slots) != 1 or slots[0] != 0 or g is None or not g.is_contiguous() or saved(node, "transposed")
             or saved(node, "groups") != 1):
         return None
-    w, x = saved(node, "weight"), saved(node, "input")
-    if (w is None or x is None or g.dim() != w.dim() or x.dim() != w.dim() or w.dtype != g.dtype
-            or any(k != 1 for k in w.shape[2:]) or any(p != 0 for p in saved(node, "padding"))):
+    w = saved(node, "weight")
+    if (w is None or g.dim() != w.dim() or w.dtype != g.dtype or any(k != 1 for k in w.shape[2:])
+            or any(p != 0 for p in saved(node, "padding"))):
         return None
     batch, out_channels, in_channels = g.shape[0], w.shape[0], w.shape[1]
     mapped = torch.matmul(w.reshape(out_channels, in_channels).t(), g.reshape(batch, out_channels, -1))
     stride = tuple(saved(node, "stride"))
-    if all(s == 1 for s in stride):
-        return {0: mapped.reshape(x.shape)}
+    if all(s == 1 for s in stride):  # (the input's positions are the output's)
+        return {0: mapped.reshape(batch, in_channels, *g.shape[2:])}
+    x = saved(node, "input")  # (its size: a stride leaves up to stride - 1 positions at the end)
+    if x is None:
+        return None
     full = g.new_zeros(x.shape)
     full[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in stride)] = \
         mapped.reshape(batch, in_channels, *g.shape[2:])
